@@ -98,7 +98,7 @@ def bare_throughput(
     Runs on its own thread, as the service's model worker does: torch's
     intra-op thread team belongs to the calling thread, and on a loaded small
     machine the main thread's team ran the same forward up to 2.7x slower than
-    a worker thread's (see docs/bench-e2e.md), which would flatter the service.
+    a worker thread's (see docs/benchmarks/e2e.md), which would flatter the service.
     """
     with ThreadPoolExecutor(1) as worker:
         return worker.submit(_bare, backend, crops, batch_size, duration).result()

@@ -19,7 +19,7 @@ set before the first parallel op).
 
     python bench/precision.py [--quick] [--json PATH] [--model random:small] [--batch 8]
 
-Results are recorded in docs/bench-precision.md.
+Results are recorded in docs/benchmarks/precision.md.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Gate: minimum CLS cosine >= 0.999 on every image.
 
     python bench/preprocess_speed.py [--quick] [--json PATH]
 
-Results are recorded in docs/bench-preprocess.md.
+Results are recorded in docs/benchmarks/preprocess.md.
 """
 
 from __future__ import annotations

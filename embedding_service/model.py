@@ -259,7 +259,7 @@ def _cpu_flags() -> set[str] | None:
 
 
 def _precision_warnings(prec: str, device: torch.device) -> list[str]:
-    """Honest advice for the CPU opt-in precisions (numbers: docs/bench-precision.md)."""
+    """Honest advice for the CPU opt-in precisions (numbers: docs/benchmarks/precision.md)."""
     if device.type != "cpu":
         return []
     out: list[str] = []
@@ -273,7 +273,7 @@ def _precision_warnings(prec: str, device: torch.device) -> list[str]:
                 + (" in /proc/cpuinfo" if flags is not None else "; CPU flags unknown")
                 + "): measured 0.25-0.5x the speed of fp32 on such a CPU (bf16 matmuls are "
                 "emulated). "
-                "Use precision=fp32, or int8 for speed. See docs/bench-precision.md."
+                "Use precision=fp32, or int8 for speed. See docs/benchmarks/precision.md."
             )
     elif prec == "int8":
         out.append(
@@ -282,7 +282,7 @@ def _precision_warnings(prec: str, device: torch.device) -> list[str]:
             "recommended mode; cosine to fp32 was >= 0.996 with random weights, and its "
             "fidelity with real DINOv2 weights is unverified (ViT activation outliers can hurt "
             "int8): check with `python bench/precision.py --model <your model>`. "
-            "See docs/bench-precision.md."
+            "See docs/benchmarks/precision.md."
         )
     return out
 

@@ -81,7 +81,7 @@ from clustering_service.algorithms.nn import (
 #: 4000 steps of 256 rows): ``ceil(PRETRAIN_SAMPLES / N)`` epochs, at least 1, at
 #: most ``MAX_AUTO_EPOCHS``. A fixed number of steps rather than of epochs: with
 #: 200 epochs at most, 898 digits got 800 steps and DEC's ACC ranged 0.73-0.82
-#: over seeds; 4000 steps gave 0.82-0.83 (docs/bench-dec.md).
+#: over seeds; 4000 steps gave 0.82-0.83 (docs/benchmarks/dec.md).
 PRETRAIN_SAMPLES = 1_000_000
 #: the same for the clustering stage, which usually stops earlier on ``tol``
 CLUSTER_SAMPLES = 500_000
@@ -212,7 +212,7 @@ class DEC(BaseClusterer):
     latent_spread : the latent is rescaled so that the mean squared distance of a
         code to its initial centre is ``latent_spread * alpha``. 1 left q flat
         (mean max q 0.4-0.5 on digits) and cost 0.03 ACC; 10 and 100 did equally
-        well (docs/bench-dec.md).
+        well (docs/benchmarks/dec.md).
     gamma : weight of the IDEC reconstruction loss during clustering (0: plain DEC).
     cluster_epochs : most passes over the data in the clustering stage; None:
         ``ceil(CLUSTER_SAMPLES / N)`` clipped to [1, MAX_AUTO_EPOCHS].

@@ -152,7 +152,7 @@ class DeepCluster(BaseClusterer):
     update_step : in :meth:`update`, each centre moves this fraction of the way
         from where it was to its re-fitted position (1: plain warm-started
         k-means). 0.3 keeps >= 95% of retained items' labels on the online
-        protocol at no loss of accuracy (docs/bench-deepcluster.md).
+        protocol at no loss of accuracy (docs/benchmarks/deepcluster.md).
 
     Attributes
     ----------

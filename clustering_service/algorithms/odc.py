@@ -22,7 +22,7 @@ features. Both come from one global k-means (``kmeans.run_kmeans``):
 * ``init_space="neck"``: spherical k-means on the neck features of the freshly
   initialised network, as in the paper. On frozen vectors a random neck is a
   lossy projection: on digits its k-means starts ~0.05 ACC/NMI below k-means on
-  the input, and ODC does not recover all of it (docs/bench-odc.md).
+  the input, and ODC does not recover all of it (docs/benchmarks/odc.md).
 
 Per mini-batch: cross-entropy of ``head(neck(x + noise))`` against the memory
 labels, re-weighted by ``w_c ∝ n_c ** -reweight_power`` (:func:`loss_weights`;
@@ -287,7 +287,7 @@ class ODC(BaseClusterer):
     batch_size, lr, weight_decay : SGD (momentum 0.9) settings.
     memory_momentum : float
         m in ``f <- (1 - m) f + m f_new`` (paper: 0.5; 0.2 flips fewer labels per
-        epoch on frozen vectors and scored higher, docs/bench-odc.md).
+        epoch on frozen vectors and scored higher, docs/benchmarks/odc.md).
     centroid_update_interval : int
         Iterations between centroid refreshes (paper: 10).
     min_cluster : int or None

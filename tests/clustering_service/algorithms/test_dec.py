@@ -2,7 +2,7 @@
 determinism, progress and cancellation, input validation.
 
 Short schedules keep the file fast; the full-schedule numbers are in
-docs/bench-dec.md.
+docs/benchmarks/dec.md.
 """
 
 from __future__ import annotations

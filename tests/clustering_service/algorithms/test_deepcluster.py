@@ -2,7 +2,7 @@
 persistence, updates, determinism, progress and cancellation, input validation.
 
 Short schedules keep the file fast; full-schedule numbers are in
-docs/bench-deepcluster.md.
+docs/benchmarks/deepcluster.md.
 """
 
 from __future__ import annotations
