@@ -277,9 +277,10 @@ def _precision_warnings(prec: str, device: torch.device) -> list[str]:
             )
     elif prec == "int8":
         out.append(
-            "precision int8 (dynamic quantisation of nn.Linear) measured ~1.4-1.6x fp32 "
-            "throughput on a 2-core AVX-512 CPU, below the project's 1.8x bar for a "
-            "recommended mode; cosine to fp32 was >= 0.996 with random weights, and its "
+            "precision int8 (dynamic quantisation of nn.Linear) measured 1.3-1.6x fp32 "
+            "throughput at 2 threads, below the project's 1.8x bar for a recommended mode "
+            "(2.4x only at 1 thread on a CPU with AMX-INT8); on CPUs with AMX or AVX512-BF16, "
+            "bf16 measured 2.0-3.3x. Cosine to fp32 was >= 0.996 with random weights; int8 "
             "fidelity with real DINOv2 weights is unverified (ViT activation outliers can hurt "
             "int8): check with `python bench/precision.py --model <your model>`. "
             "See docs/benchmarks/precision.md."
@@ -384,9 +385,26 @@ def _load_pretrained(model: str, revision: str | None, dtype: torch.dtype) -> Di
     return net
 
 
+def _int8_engine() -> str:
+    """The quantised-kernel library for int8: oneDNN where the CPU has AMX-INT8.
+
+    oneDNN's dynamic int8 Linear uses AMX tiles; the default x86/fbgemm kernels
+    do not (dinov2-small, batch 8, one thread on an AMX Xeon: oneDNN 1.9x fp32,
+    x86 1.3x; without AMX both measured the same, docs/benchmarks/precision.md).
+    """
+    flags = _cpu_flags() or set()
+    if "amx_int8" in flags and "onednn" in torch.backends.quantized.supported_engines:
+        return "onednn"
+    return torch.backends.quantized.engine
+
+
 def _quantize_int8(net: nn.Module) -> nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
+    # The engine is process-wide and must stay the same at run time: weights are
+    # packed for the engine that quantised them.
+    torch.backends.quantized.engine = _int8_engine()
+    logger.info("int8 dynamic quantisation with the %s engine", torch.backends.quantized.engine)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, but still works and
         # torchao is not a dependency.

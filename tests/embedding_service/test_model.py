@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Dinov2Model
 
+from embedding_service import model as model_module
 from embedding_service.errors import ModelLoadError
 from embedding_service.model import (
     POOLINGS,
@@ -255,6 +256,25 @@ def test_reduced_precision_modes(tiny, precision):
         assert "quantized" in type(backend.model.encoder.layer[0].attention.q_proj).__module__
     else:
         assert backend.info.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("flags", [{"amx_int8", "avx512f"}, {"avx512f"}, None])
+def test_int8_uses_onednn_only_with_amx(monkeypatch, flags):
+    """oneDNN's int8 kernels use AMX tiles (2.4x fp32 at one thread vs 1.6x for the
+    default engine); without AMX the default engine is kept. Both must run."""
+    monkeypatch.setattr(model_module, "_cpu_flags", lambda: flags)
+    before = torch.backends.quantized.engine
+    try:
+        expected = (
+            "onednn" if flags and "onednn" in torch.backends.quantized.supported_engines else before
+        )
+        assert model_module._int8_engine() == expected
+        backend = load_backend("random:tiny", device="cpu", precision="int8")
+        assert torch.backends.quantized.engine == expected
+        cls, _ = backend.forward(_photo_crops()[:2])
+        assert np.isfinite(cls).all()
+    finally:
+        torch.backends.quantized.engine = before
 
 
 def test_num_threads():
