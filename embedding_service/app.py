@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
-from embedding_service.api.body_limit import BodyLimitMiddleware
-from embedding_service.api.errors import register_error_handlers
+from embedding_service.api.deps import IMAGE_FIELDS
 from embedding_service.api.routes import embeddings, health
 from embedding_service.batcher import Backend
 from embedding_service.config import Settings
 from embedding_service.runtime import EmbeddingRuntime, service_version
+from shared.server import BodyLimitMiddleware, register_error_handlers
 
 
 def create_app(
@@ -58,8 +58,14 @@ def create_app(
         BodyLimitMiddleware,
         max_bytes=settings.max_request_bytes,
         on_reject=lambda: runtime.metrics.observe_failure("payload_too_large"),
+        hint="send fewer or smaller images per request",
     )
-    register_error_handlers(app)
+
+    def count(request: Request, error_type: str) -> None:
+        if request.url.path.startswith("/v1/"):
+            runtime.metrics.observe_failure(error_type)
+
+    register_error_handlers(app, count, IMAGE_FIELDS)
     app.include_router(embeddings.router)
     app.include_router(health.router)
     return app

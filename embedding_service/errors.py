@@ -1,28 +1,32 @@
-"""The closed set of errors the embedding service reports, each with one HTTP status.
+"""The errors the embedding service reports: the shared set plus its own.
 
 Every error renders as ``{"error": {"type", "message", ...extra}}`` (see
-``../shared/docs/api.md``). Algorithm code raises these; the HTTP layer maps
-them with :func:`error_body`.
+``../shared/docs/api.md``); :mod:`shared.errors` has the common types and
+:mod:`shared.server` maps them to HTTP.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from shared.errors import (
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
 
-
-class ServiceError(Exception):
-    """Base: ``type`` is the machine-readable name, ``status`` the HTTP code."""
-
-    type: str = "internal_error"
-    status: int = 500
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+__all__ = [
+    "InvalidImage",
+    "InvalidRequest",
+    "ModelLoadError",
+    "NotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServiceError",
+    "TooManyImages",
+    "Unauthorized",
+]
 
 
 class InvalidImage(ServiceError):
@@ -31,32 +35,8 @@ class InvalidImage(ServiceError):
     type, status = "invalid_image", 422
 
 
-class InvalidRequest(ServiceError):
-    """The request body is not valid JSON or a field has the wrong type/value."""
-
-    type, status = "invalid_request", 422
-
-
 class TooManyImages(ServiceError):
     type, status = "too_many_images", 413
-
-
-class PayloadTooLarge(ServiceError):
-    type, status = "payload_too_large", 413
-
-
-class Overloaded(ServiceError):
-    """The queue is full; the response carries ``Retry-After``."""
-
-    type, status = "overloaded", 429
-
-
-class NotReady(ServiceError):
-    type, status = "not_ready", 503
-
-
-class Unauthorized(ServiceError):
-    type, status = "unauthorized", 401
 
 
 class ModelLoadError(RuntimeError):

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 from pydantic import ValidationError
 
-from embedding_service.api.errors import invalid_request
 from embedding_service.batcher import Batcher
 from embedding_service.config import Settings
-from embedding_service.errors import Unauthorized
 from embedding_service.runtime import EmbeddingRuntime
 from shared.schemas import EmbeddingRequest
+from shared.server import check_bearer, invalid_request
+
+#: request fields whose bad element is reported by position (``index``)
+IMAGE_FIELDS = ("images", "base64_images")
 
 
 def get_runtime(request: Request) -> EmbeddingRuntime:
@@ -32,12 +33,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
     """``Authorization: Bearer <EMBEDDING_API_KEY>`` when a key is configured."""
-    if settings.api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = settings.api_key.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+    key = settings.api_key
+    check_bearer(request, None if key is None else key.get_secret_value())
 
 
 def get_batcher(runtime: RuntimeDep) -> Batcher:
@@ -59,7 +56,7 @@ async def read_embedding_request(request: Request) -> EmbeddingRequest:
     try:
         return EmbeddingRequest.model_validate_json(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors(include_url=False)) from None
+        raise invalid_request(exc.errors(include_url=False), IMAGE_FIELDS) from None
 
 
 EmbeddingRequestDep = Annotated[EmbeddingRequest, Depends(read_embedding_request)]

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from embedding_service.api.deps import RuntimeDep
-from embedding_service.api.errors import error_response
 from embedding_service.errors import NotReady
+from shared.server import error_response
 
 router = APIRouter(tags=["health"])
 
