@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routes (``routes/<resource>.py``) over the service modules."""

@@ -1,0 +1,80 @@
+"""Loaded model versions, for prediction and assignments (an LRU per process).
+
+A version is immutable, so a loaded one never goes stale: it is keyed by its
+primary key and dropped only to make room. Loading goes through the
+checksummed local cache of its files (:mod:`clustering_service.store.artifacts`).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from clustering_service.algorithms import BaseClusterer, load
+from clustering_service.jobs.train import ASSIGNMENTS_FILE, Assignments
+from clustering_service.store.artifacts import fetch_files
+from clustering_service.store.cache import CacheDir
+
+
+@dataclass
+class LoadedVersion:
+    """A version's estimator, and its assignments read on first use."""
+
+    pk: int
+    estimator: BaseClusterer
+    files: Callable[[], Path]
+    _assignments: Assignments | None = None
+    _by_cluster: tuple[np.ndarray, np.ndarray] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def assignments(self) -> Assignments:
+        with self._lock:
+            if self._assignments is None:
+                # fetched again: the cache may have been trimmed since the model was loaded
+                self._assignments = Assignments.read(self.files() / ASSIGNMENTS_FILE)
+            return self._assignments
+
+    def members(self, cluster: int | None) -> np.ndarray:
+        """Row positions (ascending) of the items in ``cluster`` (all items for None)."""
+        a = self.assignments()
+        if cluster is None:
+            return np.arange(len(a.ids))
+        with self._lock:
+            if self._by_cluster is None:
+                order = np.argsort(a.cluster, kind="stable")
+                self._by_cluster = (order, a.cluster[order])
+            order, sorted_clusters = self._by_cluster
+        lo, hi = np.searchsorted(sorted_clusters, [cluster, cluster + 1])
+        return order[lo:hi]
+
+
+class VersionCache:
+    """At most ``size`` loaded versions, least recently used evicted first."""
+
+    def __init__(self, engine: Engine, cache: CacheDir, size: int) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.size = size
+        self._loaded: OrderedDict[int, LoadedVersion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, pk: int) -> LoadedVersion:
+        with self._lock:
+            hit = self._loaded.get(pk)
+            if hit is not None:
+                self._loaded.move_to_end(pk)
+                return hit
+        files = functools.partial(fetch_files, self.engine, pk, self.cache)
+        loaded = LoadedVersion(pk, load(str(files()), device="cpu"), files)
+        with self._lock:
+            self._loaded[pk] = loaded
+            while len(self._loaded) > self.size:
+                self._loaded.popitem(last=False)
+        return loaded
