@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # for tests.support and bench (--import-mode=importlib)
+    sys.path.insert(0, str(ROOT))
 
 #: Formats every image endpoint accepts (Pillow names) and the file each fixture writes.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")

@@ -10,29 +10,19 @@ deployed).
 from __future__ import annotations
 
 import base64
-import os
-import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from embedding_service.model import EmbeddingBackend, load_backend
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.support.processes import ServiceProcess, free_port, wait_ready
 
 # --- images ------------------------------------------------------------------------
 
@@ -140,28 +130,6 @@ def controlled(tiny_backend: EmbeddingBackend) -> ControlledBackend:
 # --- servers -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(
-    base_url: str, timeout: float = 60.0, process: subprocess.Popen | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{base_url} not ready after {timeout} s")
-
-
 class ThreadedServer:
     """uvicorn serving ``app`` from a thread of this process, on a free port."""
 
@@ -183,49 +151,14 @@ class ThreadedServer:
         self.thread.join(15)
 
 
-class ServerProcess:
+class ServerProcess(ServiceProcess):
     """``python -m embedding_service`` in a subprocess, output captured in a file."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "embedding_service", "--host", "127.0.0.1",
-                     "--port", str(self.port), *args]  # fmt: skip
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_")},
-            "HF_HUB_OFFLINE": "1",
-            **(env or {}),
-        }
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServerProcess:
-        self.process = subprocess.Popen(
-            self.args, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        return self
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90.0) -> ServerProcess:
-        try:
-            wait_ready(self.url, timeout, self.process)
-        except (RuntimeError, TimeoutError) as exc:
-            output = self.output()
-            self.stop()
-            raise AssertionError(f"{exc}; server output:\n{output}") from None
-        return self
+        super().__init__("embedding_service", *args, env=env, env_prefix="EMBEDDING_")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().stop()
         self.log.close()
 
 

@@ -1,0 +1,148 @@
+"""Real processes for the clustering service's HTTP tests.
+
+* the embedding service (``python -m embedding_service --model random:tiny``),
+  once per session;
+* PostgreSQL two ways: the embedded one (pgserver, in a temporary directory)
+  and the machine's server at 127.0.0.1:5432 (a fresh database per session).
+  The second must be there in CI (``DINOCLUSTER_REQUIRE_LOCAL_PG=1``, set by
+  .ci/run): the tests fail without it instead of skipping;
+* ``python -m clustering_service`` (and ``... worker``) processes, started per
+  test or shared, on short worker timeouts so crash recovery takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from tests.support.clustering import Clustering
+from tests.support.processes import ServiceProcess
+
+LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _stop_postmaster(pgdata: Path) -> None:
+    pid_file = pgdata / "postmaster.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().split()[0])
+        try:
+            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        except ProcessLookupError:
+            return
+        for _ in range(100):
+            if not pid_file.exists():
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def embedding_service() -> Iterator[ServiceProcess]:
+    """The real embedding service on a tiny random-weight DINOv2 (32-d vectors)."""
+    process = ServiceProcess(
+        "embedding_service",
+        "--model",
+        "random:tiny",
+        "--batch-size",
+        "4",
+        env_prefix="EMBEDDING_",
+        env={"EMBEDDING_NUM_THREADS": "1", "EMBEDDING_PREPROCESS_WORKERS": "1"},
+    )
+    process.start().wait_ready(120)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data directory whose embedded PostgreSQL is stopped after the session."""
+    path = tmp_path_factory.mktemp("clustering-data")
+    yield path
+    _stop_postmaster(path / "postgres")
+
+
+@pytest.fixture
+def fresh_data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "data"
+    yield path
+    _stop_postmaster(path / "postgres")
+
+
+def _local_pg_available() -> bool:
+    try:
+        with psycopg.connect(LOCAL_PG, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def local_pg_server() -> str:
+    """The URL of the machine's PostgreSQL (skips where there is none, unless required)."""
+    if not _local_pg_available():
+        message = f"no PostgreSQL at {LOCAL_PG} (set DINOCLUSTER_TEST_PG to point at one)"
+        if os.environ.get("DINOCLUSTER_REQUIRE_LOCAL_PG") == "1":
+            pytest.fail(message + "; DINOCLUSTER_REQUIRE_LOCAL_PG=1 requires it")
+        pytest.skip(message)
+    return LOCAL_PG
+
+
+@pytest.fixture
+def local_pg(local_pg_server: str) -> Iterator[str]:
+    """A fresh, empty database on the machine's PostgreSQL, dropped afterwards."""
+    name = f"dinocluster_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(local_pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, _ = local_pg_server.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(local_pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def clustering_factory(
+    embedding_service: ServiceProcess,
+) -> Iterator[Callable[..., Clustering]]:
+    """``clustering_factory(data_dir=..., database_url=None, command="serve", env=None)``:
+    unstarted processes, all stopped after the test."""
+    made: list[Clustering] = []
+
+    def make(**kwargs: Any) -> Clustering:
+        process = Clustering(embedding_service.url, **kwargs)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.close()
+
+
+@pytest.fixture(scope="session")
+def service(embedding_service: ServiceProcess, embedded_data_dir: Path) -> Iterator[Clustering]:
+    """One API (with its in-process worker) on the embedded PostgreSQL, shared by the
+    tests that do not restart or kill it."""
+    process = Clustering(embedding_service.url, data_dir=embedded_data_dir)
+    process.start().wait_ready(120)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="session")
+def digits_vectors() -> tuple[np.ndarray, np.ndarray]:
+    """300 digits (classes 0-4), L2-normalised like embeddings: X float32 (300, 64), y."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    keep = np.flatnonzero(y < 5)
+    rows = np.sort(np.random.default_rng(0).choice(keep, 300, replace=False))
+    X = X[rows].astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X, y[rows]

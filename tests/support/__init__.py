@@ -1,0 +1,2 @@
+"""Helpers shared by the test packages (importable: tests/conftest.py puts the
+repository root on ``sys.path``)."""
