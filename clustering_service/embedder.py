@@ -2,7 +2,8 @@
 
 One :class:`~shared.client.AsyncEmbeddingClient` per configured URL; a call's
 images are cut into fixed-size batches (``embedding_batch_size``) dealt round
-robin over the URLs, at most ``embedding_concurrency`` requests in flight.
+robin over the URLs, at most ``embedding_concurrency`` requests in flight; a
+batch whose service is unreachable moves on to the next URL.
 The client retries connection errors, 429 and 503 with backoff (honouring
 ``Retry-After``) and times out each request; what still fails becomes one of
 this service's errors naming the embedding service, with the failing image's
@@ -89,19 +90,27 @@ class Embedder:
                 task.cancel()
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    async def _one(self, which: int, offset: int, images: Sequence[str]) -> np.ndarray:
-        client = self._clients[which]
+    async def _one(self, first: int, offset: int, images: Sequence[str]) -> np.ndarray:
+        """One batch, on the client ``first``; when a service is unreachable or stays
+        overloaded, on the next one, until every URL was tried."""
+        error: ServiceError | None = None
         async with self._limit:
-            try:
-                return await client.embed_images(list(images))
-            except ClientError as exc:
-                raise _translate(exc, client.base_url, offset) from None
-            except httpx.TransportError as exc:
-                raise EmbeddingServiceDown(
-                    f"the embedding service at {client.base_url} could not be reached "
-                    f"({type(exc).__name__}: {exc}); nothing was stored",
-                    url=client.base_url,
-                ) from None
+            for k in range(len(self._clients)):
+                client = self._clients[(first + k) % len(self._clients)]
+                try:
+                    return await client.embed_images(list(images))
+                except ClientError as exc:
+                    error = _translate(exc, client.base_url, offset)
+                except httpx.TransportError as exc:
+                    error = EmbeddingServiceDown(
+                        f"the embedding service at {client.base_url} could not be reached "
+                        f"({type(exc).__name__}: {exc}); nothing was stored",
+                        url=client.base_url,
+                    )
+                if not isinstance(error, EmbeddingServiceDown):
+                    break  # the request itself is at fault: another service says the same
+        assert error is not None
+        raise error
 
 
 def _translate(exc: ClientError, url: str, offset: int) -> ServiceError:

@@ -70,6 +70,7 @@ class Clustering(ServiceProcess):
             **({"CLUSTERING_DATABASE_URL": database_url} if database_url else {}),
             **(env or {}),
         }
+        self.data_dir = data_dir
         args = () if command == "serve" else (command,)
         super().__init__(
             "clustering_service",

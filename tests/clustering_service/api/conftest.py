@@ -69,13 +69,6 @@ def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     _stop_postmaster(path / "postgres")
 
 
-@pytest.fixture
-def fresh_data_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "data"
-    yield path
-    _stop_postmaster(path / "postgres")
-
-
 def _local_pg_available() -> bool:
     try:
         with psycopg.connect(LOCAL_PG, connect_timeout=3):
@@ -109,13 +102,14 @@ def local_pg(local_pg_server: str) -> Iterator[str]:
 
 @pytest.fixture
 def clustering_factory(
-    embedding_service: ServiceProcess,
+    embedding_service: ServiceProcess, tmp_path: Path
 ) -> Iterator[Callable[..., Clustering]]:
-    """``clustering_factory(data_dir=..., database_url=None, command="serve", env=None)``:
-    unstarted processes, all stopped after the test."""
+    """``clustering_factory(data_dir=<fresh>, database_url=None, command="serve", env=None)``:
+    unstarted processes; after the test all are stopped, then their embedded PostgreSQL."""
     made: list[Clustering] = []
 
     def make(**kwargs: Any) -> Clustering:
+        kwargs.setdefault("data_dir", tmp_path / "data")
         process = Clustering(embedding_service.url, **kwargs)
         made.append(process)
         return process
@@ -123,6 +117,8 @@ def clustering_factory(
     yield make
     for process in made:
         process.close()
+    for data_dir in {process.data_dir for process in made}:
+        _stop_postmaster(data_dir / "postgres")
 
 
 @pytest.fixture(scope="session")

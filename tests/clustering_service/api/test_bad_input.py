@@ -82,7 +82,12 @@ def test_vectors_are_checked(service: Clustering, trained: dict[str, Any]) -> No
             0,
         ),
         ([{"id": "b", "embedding": []}], 422, "invalid_embedding", 0),
-        ([good, {"id": "b", "embedding": [float("nan")] + [0.0] * 63}], 422, "invalid_embedding", 1),
+        (
+            [good, {"id": "b", "embedding": [float("nan")] + [0.0] * 63}],
+            422,
+            "invalid_embedding",
+            1,
+        ),
         ([good, dict(good)], 422, "invalid_request", 1),  # the same id twice
         ([{"id": "b"}], 422, "invalid_request", 0),  # neither image nor embedding
         ([{"id": "b", "embedding": [1.0], "image": "AAAA"}], 422, "invalid_request", 0),
@@ -199,10 +204,9 @@ def test_names_and_conflicts(service: Clustering) -> None:
     assert body["id"].startswith("ds_")
 
 
-def test_oversized_request_is_refused_unread(clustering_factory: Any, fresh_data_dir: Any) -> None:
+def test_oversized_request_is_refused_unread(clustering_factory: Any) -> None:
     service = (
         clustering_factory(
-            data_dir=fresh_data_dir,
             env={"CLUSTERING_MAX_REQUEST_BYTES": "4096", "CLUSTERING_MAX_ITEMS_PER_REQUEST": "3"},
         )
         .start()

@@ -47,13 +47,12 @@ def test_full_flow(
     database: str,
     request: pytest.FixtureRequest,
     clustering_factory: Any,
-    fresh_data_dir: Any,
     digits_vectors: tuple[np.ndarray, np.ndarray],
     photo_jpegs: dict[str, bytes],
     to_base64: Any,
 ) -> None:
     url = request.getfixturevalue("local_pg") if database == "local" else None
-    service = clustering_factory(data_dir=fresh_data_dir, database_url=url).start().wait_ready()
+    service = clustering_factory(database_url=url).start().wait_ready()
     c = service.client
     X, y = digits_vectors
 
