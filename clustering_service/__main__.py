@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,9 +99,18 @@ def _worker(settings: Settings) -> int:
     url = database_url(settings)
     engine = make_engine(url, settings.db_pool_size)
     migrate.upgrade(engine)
-    asyncio.run(
-        run_worker_forever(settings, url, engine, cache_dir(settings), install_signal_handlers=True)
-    )
+
+    async def work() -> None:
+        # SIGINT/SIGTERM cancel the worker: its running job is aborted and re-queued.
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_worker_forever(settings, url, engine, cache_dir(settings))
+
+    asyncio.run(work())
     return 0
 
 

@@ -77,13 +77,7 @@ class ClusteringRuntime:
         self._engine = engine
         if self.settings.in_process_worker:
             self._worker = asyncio.create_task(
-                run_worker_forever(
-                    self.settings,
-                    self.database_url,
-                    engine,
-                    self.cache,
-                    install_signal_handlers=False,
-                )
+                run_worker_forever(self.settings, self.database_url, engine, self.cache)
             )
             self._worker.add_done_callback(_log_worker_end)
 

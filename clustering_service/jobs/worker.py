@@ -36,13 +36,9 @@ async def run_worker(
     database_url: str,
     engine: Engine,
     cache: CacheDir,
-    *,
-    install_signal_handlers: bool,
 ) -> None:
-    """Process jobs until cancelled (or, with signal handlers, until SIGINT/SIGTERM).
-
-    On shutdown a running job is aborted and re-queued for another worker.
-    """
+    """Process jobs until cancelled. On cancellation a running job is aborted and
+    re-queued for another worker."""
     app = make_app(database_url, settings.job_max_attempts)
     runner = JobRunner(
         engine,
@@ -59,7 +55,7 @@ async def run_worker(
                 name=worker_name(),
                 concurrency=settings.worker_concurrency,
                 additional_context={"runner": runner},
-                install_signal_handlers=install_signal_handlers,
+                install_signal_handlers=False,  # the caller decides how to stop
                 update_heartbeat_interval=settings.worker_heartbeat_seconds,
                 stalled_worker_timeout=settings.worker_stalled_seconds,
                 # abort a running job at once: it goes back to the queue for another worker
@@ -77,21 +73,12 @@ async def run_worker_forever(
     database_url: str,
     engine: Engine,
     cache: CacheDir,
-    *,
-    install_signal_handlers: bool,
 ) -> None:
     """:func:`run_worker`, restarted after any error (a database restart, say) until
-    cancelled or stopped by a signal."""
+    cancelled."""
     while True:
         try:
-            await run_worker(
-                settings,
-                database_url,
-                engine,
-                cache,
-                install_signal_handlers=install_signal_handlers,
-            )
-            return  # stopped on purpose (a signal)
+            await run_worker(settings, database_url, engine, cache)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,37 +88,60 @@ def local_pg_server() -> str:
     return LOCAL_PG
 
 
-@pytest.fixture
-def local_pg(local_pg_server: str) -> Iterator[str]:
-    """A fresh, empty database on the machine's PostgreSQL, dropped afterwards."""
+def _create_database(server_url: str) -> str:
     name = f"dinocluster_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(local_pg_server, autocommit=True) as conn:
+    with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    base, _, _ = local_pg_server.rpartition("/")
-    yield f"{base}/{name}"
-    with psycopg.connect(local_pg_server, autocommit=True) as conn:
+    return f"{server_url.rpartition('/')[0]}/{name}"
+
+
+def _drop_database(url: str) -> None:
+    server, _, name = url.rpartition("/")
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class ClusteringFactory:
+    """Makes :class:`Clustering` processes (unstarted) and databases for one test; at
+    the end stops the processes first, then their databases."""
+
+    def __init__(self, embedding_url: str, tmp_path: Path, request: pytest.FixtureRequest):
+        self.embedding_url = embedding_url
+        self.tmp_path = tmp_path
+        self.request = request
+        self.made: list[Clustering] = []
+        self.databases: list[str] = []
+
+    def __call__(self, **kwargs: Any) -> Clustering:
+        kwargs.setdefault("data_dir", self.tmp_path / "data")
+        process = Clustering(self.embedding_url, **kwargs)
+        self.made.append(process)
+        return process
+
+    def local_pg(self) -> str:
+        """A fresh database on the machine's PostgreSQL (see ``local_pg_server``)."""
+        url = _create_database(self.request.getfixturevalue("local_pg_server"))
+        self.databases.append(url)
+        return url
+
+    def close(self) -> None:
+        for process in self.made:
+            process.close()
+        for data_dir in {process.data_dir for process in self.made}:
+            _stop_postmaster(data_dir / "postgres")
+        for url in self.databases:
+            _drop_database(url)
 
 
 @pytest.fixture
 def clustering_factory(
-    embedding_service: ServiceProcess, tmp_path: Path
-) -> Iterator[Callable[..., Clustering]]:
-    """``clustering_factory(data_dir=<fresh>, database_url=None, command="serve", env=None)``:
-    unstarted processes; after the test all are stopped, then their embedded PostgreSQL."""
-    made: list[Clustering] = []
-
-    def make(**kwargs: Any) -> Clustering:
-        kwargs.setdefault("data_dir", tmp_path / "data")
-        process = Clustering(embedding_service.url, **kwargs)
-        made.append(process)
-        return process
-
-    yield make
-    for process in made:
-        process.close()
-    for data_dir in {process.data_dir for process in made}:
-        _stop_postmaster(data_dir / "postgres")
+    embedding_service: ServiceProcess, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ClusteringFactory]:
+    """``clustering_factory(data_dir=<fresh>, database_url=None, command="serve", env=None)``
+    and ``clustering_factory.local_pg()``; everything is stopped after the test."""
+    factory = ClusteringFactory(embedding_service.url, tmp_path, request)
+    yield factory
+    factory.close()
 
 
 @pytest.fixture(scope="session")

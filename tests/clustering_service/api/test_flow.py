@@ -45,13 +45,12 @@ def _all_assignments(client: Any, model: str, version: int, **query: Any) -> lis
 @pytest.mark.parametrize("database", ["embedded", "local"])
 def test_full_flow(
     database: str,
-    request: pytest.FixtureRequest,
     clustering_factory: Any,
     digits_vectors: tuple[np.ndarray, np.ndarray],
     photo_jpegs: dict[str, bytes],
     to_base64: Any,
 ) -> None:
-    url = request.getfixturevalue("local_pg") if database == "local" else None
+    url = clustering_factory.local_pg() if database == "local" else None
     service = clustering_factory(database_url=url).start().wait_ready()
     c = service.client
     X, y = digits_vectors
