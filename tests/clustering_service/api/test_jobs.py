@@ -43,8 +43,14 @@ def _wait_running(service: Clustering, job_id: str, timeout: float = 60) -> dict
 
 
 def test_idempotency_key(service: Clustering, dataset: str) -> None:
-    body = {"type": "train", "dataset_id": dataset, "algorithm": "kmeans", "model_name": "idem",
-            "n_clusters": 3, "params": {"n_init": 1}}  # fmt: skip
+    body = {
+        "type": "train",
+        "dataset_id": dataset,
+        "algorithm": "kmeans",
+        "model_name": "idem",
+        "n_clusters": 3,
+        "params": {"n_init": 1},
+    }
     first = _submit(service, body, "key-1")
     again = _submit(service, body, "key-1")
     assert first.status_code == 202 and again.status_code == 200
@@ -57,8 +63,13 @@ def test_idempotency_key(service: Clustering, dataset: str) -> None:
 
 def test_cancel_queued_and_running(service: Clustering, dataset: str) -> None:
     c = service.client
-    body = {"type": "train", "dataset_id": dataset, "algorithm": "dec", "n_clusters": 5,
-            "params": SLOW_DEC}  # fmt: skip
+    body = {
+        "type": "train",
+        "dataset_id": dataset,
+        "algorithm": "dec",
+        "n_clusters": 5,
+        "params": SLOW_DEC,
+    }
     running = _submit(service, {**body, "model_name": "cancel-running"}).json()
     queued = _submit(service, {**body, "model_name": "cancel-queued"}).json()
     _wait_running(service, running["id"])

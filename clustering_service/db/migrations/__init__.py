@@ -1,0 +1,1 @@
+"""Alembic migrations of the clustering service (see ../migrate.py)."""
