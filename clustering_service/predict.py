@@ -16,12 +16,6 @@ from clustering_service.vectors_in import decode_vectors
 from shared.clustering_schemas import PredictRequest
 
 
-def resolve(runtime: ClusteringRuntime, name: str, version: int | None, alias: str | None) -> Any:
-    if version is not None and alias is not None:
-        raise InvalidRequest("give version= or alias=, not both", field="alias")
-    return models_db.resolve(runtime.engine, name, version, alias)
-
-
 async def predict(
     runtime: ClusteringRuntime,
     name: str,
@@ -31,7 +25,10 @@ async def predict(
 ) -> dict[str, Any]:
     """Clusters (and probabilities) of the request's images or embeddings."""
     settings = runtime.settings
-    row = await asyncio.to_thread(resolve, runtime, name, version, alias)
+    if version is not None and alias is not None:
+        raise InvalidRequest("give version= or alias=, not both", field="alias")
+    assert runtime.versions is not None
+    pk, number, dim = await asyncio.to_thread(runtime.versions.resolve, name, version, alias)
     if body.images is not None:
         if len(body.images) > settings.max_images_per_request:
             raise TooManyItems(
@@ -49,18 +46,13 @@ async def predict(
                 limit=settings.max_predict_rows,
             )
         X = decode_vectors(embeddings, "embeddings", settings.max_dim, range(len(embeddings)))
-    if X.shape[1] != row.dim:
+    if X.shape[1] != dim:
         raise DimensionMismatch(
-            f"the vectors are {X.shape[1]}-d but model {name!r} version {row.version} "
-            f"takes {row.dim}-d",
-            expected=row.dim,
+            f"the vectors are {X.shape[1]}-d but model {name!r} version {number} takes {dim}-d",
+            expected=dim,
             got=int(X.shape[1]),
         )
-    assert runtime.versions is not None
-    if len(X) <= 64:  # small requests: the thread hop costs more than the work
-        proba = _proba(runtime, row.pk, X)
-    else:
-        proba = await asyncio.to_thread(_proba, runtime, row.pk, X)
+    proba = await asyncio.to_thread(_proba, runtime, pk, X)
     best = proba.argmax(axis=1)
     top = proba[np.arange(len(best)), best]
     predictions = []
@@ -69,7 +61,7 @@ async def predict(
         if body.return_probabilities:
             p["probabilities"] = proba[i].tolist()
         predictions.append(p)
-    return {"model_name": name, "version": row.version, "predictions": predictions}
+    return {"model_name": name, "version": number, "predictions": predictions}
 
 
 def _proba(runtime: ClusteringRuntime, pk: int, X: np.ndarray) -> np.ndarray:

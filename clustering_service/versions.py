@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from clustering_service.algorithms import BaseClusterer, load
+from clustering_service.db import models as models_db
 from clustering_service.jobs.train import ASSIGNMENTS_FILE, Assignments
 from clustering_service.store.artifacts import fetch_files
 from clustering_service.store.cache import CacheDir
@@ -63,7 +64,21 @@ class VersionCache:
         self.cache = cache
         self.size = size
         self._loaded: OrderedDict[int, LoadedVersion] = OrderedDict()
+        self._numbered: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._lock = threading.Lock()
+
+    def resolve(self, name: str, version: int | None, alias: str | None) -> tuple[int, int, int]:
+        """``(pk, version, dim)``; a numbered version is immutable, so it is looked up in
+        the database once, while latest and aliases are read every time (they move)."""
+        if version is not None and alias is None:
+            known = self._numbered.get((name, version))
+            if known is not None:
+                return known
+        found = models_db.resolve_brief(self.engine, name, version, alias)
+        if version is not None and alias is None:
+            with self._lock:
+                self._numbered[(name, version)] = found
+        return found
 
     def get(self, pk: int) -> LoadedVersion:
         with self._lock:

@@ -18,10 +18,12 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -53,7 +55,9 @@ datasets = Table(
 items = Table(
     "items",
     metadata,
-    Column("pk", BigInteger, primary_key=True, autoincrement=True),
+    # Primary key (dataset_id, pk): one index gives both uniqueness and the
+    # dataset's items in insertion order (snapshots), cheaper to maintain than two.
+    Column("pk", BigInteger, Identity(), nullable=False),
     # No foreign key: its per-row trigger doubled the cost of a bulk insert. Every
     # write locks the dataset row first (store.vectors), which keeps items consistent.
     Column("dataset_id", String(40), nullable=False),
@@ -64,7 +68,7 @@ items = Table(
     Column("thumbnail", LargeBinary),
     _now(),
     UniqueConstraint("dataset_id", "item_id", name="items_dataset_item_key"),
-    Index("items_dataset_pk", "dataset_id", "pk"),
+    PrimaryKeyConstraint("dataset_id", "pk", name="items_pkey"),
 )
 
 jobs = Table(

@@ -49,7 +49,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "items",
-        sa.Column("pk", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("pk", sa.BigInteger, sa.Identity(), nullable=False),
         sa.Column("dataset_id", sa.String(40), nullable=False),
         sa.Column("item_id", sa.String(512), nullable=False),
         sa.Column("vector", sa.LargeBinary, nullable=False),
@@ -58,8 +58,9 @@ def upgrade() -> None:
         sa.Column("thumbnail", sa.LargeBinary),
         _created(),
         sa.UniqueConstraint("dataset_id", "item_id", name="items_dataset_item_key"),
+        # one index for both the dataset's items in insertion order and uniqueness
+        sa.PrimaryKeyConstraint("dataset_id", "pk", name="items_pkey"),
     )
-    op.create_index("items_dataset_pk", "items", ["dataset_id", "pk"])
     # float32 vectors and WebP thumbnails do not compress: skip pglz's attempt.
     op.execute("ALTER TABLE items ALTER COLUMN vector SET STORAGE EXTERNAL")
     op.execute("ALTER TABLE items ALTER COLUMN thumbnail SET STORAGE EXTERNAL")
