@@ -28,7 +28,7 @@ _JOB_SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 class ServiceMetrics:
     """The metrics the clustering service exports at ``/metrics``."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.failures = Counter(
@@ -54,8 +54,10 @@ class ServiceMetrics:
             buckets=_SECONDS,
             registry=r,
         )
-        if engine is not None:
-            r.register(_JobCollector(engine))
+
+    def track_jobs(self, engine: Engine) -> None:
+        """Also export jobs by state and job durations, read from ``engine`` at scrape time."""
+        self.registry.register(_JobCollector(engine))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 from clustering_service.config import Settings
 from clustering_service.db import migrate
 from clustering_service.db.engine import database_url, make_engine
+from clustering_service.db.jobs import Deferrer, QueueCanceller
 from clustering_service.embedder import Embedder
 from clustering_service.errors import NotReady
 from clustering_service.events import JobEventHub
@@ -54,7 +55,8 @@ class ClusteringRuntime:
         self.hub: JobEventHub | None = None
         self.versions: VersionCache | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.queue = None
+        self.defer: Deferrer | None = None
+        self.cancel: QueueCanceller | None = None
 
     @property
     def engine(self) -> Engine:
@@ -62,15 +64,26 @@ class ClusteringRuntime:
             raise NotReady("the service is starting: the database is not connected yet")
         return self._engine
 
+    def require_defer(self) -> Deferrer:
+        if self.defer is None:
+            raise NotReady("the service is starting: the job queue is not connected yet")
+        return self.defer
+
+    def require_cancel(self) -> QueueCanceller:
+        if self.cancel is None:
+            raise NotReady("the service is starting: the job queue is not connected yet")
+        return self.cancel
+
     async def start(self) -> None:
         self.database_url = await asyncio.to_thread(database_url, self.settings)
         engine = make_engine(self.database_url, self.settings.db_pool_size)
         revision = await asyncio.to_thread(migrate.upgrade, engine)
         log.info("database schema at revision %s", revision)
-        self.queue = make_app(self.database_url, self.settings.job_max_attempts)
-        self.defer = deferrer(self.queue)
-        self.cancel = canceller(self.queue)
-        self.metrics = ServiceMetrics(engine)
+        # never opened: it only defers and cancels inside our own transactions
+        queue = make_app(self.database_url, self.settings.job_max_attempts)
+        self.defer = deferrer(queue)
+        self.cancel = canceller(queue)
+        self.metrics.track_jobs(engine)
         self.versions = VersionCache(engine, self.cache, self.settings.model_cache_size)
         self.hub = JobEventHub(self.database_url)
         self.hub.start()

@@ -34,6 +34,9 @@ ASSIGNMENTS_FILE = "assignments.safetensors"
 _ASSIGN_ROWS = 65536
 #: item ids listed per cluster in the summary
 EXEMPLARS = 8
+#: rows of the seeded sample the silhouette is computed on: its cost grows with the
+#: square (10,000 rows took 13 s of a job on 200k items here; 3,000 take ~1 s)
+SILHOUETTE_SAMPLE = 3000
 
 
 @dataclass
@@ -96,24 +99,53 @@ def assign(est: BaseClusterer, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def summarize_clusters(
     X: np.ndarray, cluster: np.ndarray, ids: list[str], n_clusters: int
 ) -> list[dict[str, Any]]:
-    """Size and exemplar ids (closest to the cluster's mean vector) of every cluster id."""
-    order = np.argsort(cluster, kind="stable")
+    """Size and exemplar ids (closest to the cluster's mean vector) of every cluster id.
+
+    Two chunked passes over X (cluster sums by a sparse indicator product, then
+    each row's distance to its cluster's mean) and one sort: no per-cluster copy
+    of the data.
+    """
+    from scipy.sparse import csr_matrix
+
+    n, d = X.shape
+    cluster = cluster.astype(np.int64)
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    sums = np.zeros((n_clusters, d), dtype=np.float64)
+    for start in range(0, n, _ASSIGN_ROWS):
+        c = cluster[start : start + _ASSIGN_ROWS]
+        indicator = csr_matrix(
+            (np.ones(len(c), np.float32), (c, np.arange(len(c)))), shape=(n_clusters, len(c))
+        )
+        sums += indicator @ np.asarray(X[start : start + _ASSIGN_ROWS], dtype=np.float32)
+    means = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+    dist = np.empty(n, dtype=np.float32)
+    for start in range(0, n, _ASSIGN_ROWS):
+        rows = np.asarray(X[start : start + _ASSIGN_ROWS], dtype=np.float32)
+        diff = rows - means[cluster[start : start + _ASSIGN_ROWS]]
+        dist[start : start + len(rows)] = np.einsum("ij,ij->i", diff, diff)
+    order = np.lexsort((dist, cluster))
     bounds = np.searchsorted(cluster[order], np.arange(n_clusters + 1))
-    out = []
-    for c in range(n_clusters):
-        members = np.sort(order[bounds[c] : bounds[c + 1]])
-        exemplars: list[str] = []
-        if len(members):
-            V = np.asarray(X[members], dtype=np.float32)
-            d = ((V - V.mean(axis=0)) ** 2).sum(axis=1)
-            exemplars = [ids[i] for i in members[np.argsort(d, kind="stable")[:EXEMPLARS]]]
-        out.append({"cluster": c, "size": len(members), "exemplars": exemplars})
-    return out
+    return [
+        {
+            "cluster": c,
+            "size": int(sizes[c]),
+            "exemplars": [
+                ids[i] for i in order[bounds[c] : min(bounds[c + 1], bounds[c] + EXEMPLARS)]
+            ],
+        }
+        for c in range(n_clusters)
+    ]
 
 
 def quality(snap: Snapshot, cluster: np.ndarray, n_clusters: int, seed: int) -> dict[str, Any]:
     """Silhouette and cluster sizes; ACC/NMI/ARI over the items that have a label."""
-    metrics = evaluate(snap.X, cluster, random_state=seed, n_clusters=n_clusters)
+    metrics = evaluate(
+        snap.X,
+        cluster,
+        random_state=seed,
+        n_clusters=n_clusters,
+        silhouette_sample=SILHOUETTE_SAMPLE,
+    )
     if snap.labels is not None:
         known = np.array([label is not None for label in snap.labels])
         if known.any():
@@ -159,7 +191,7 @@ def _store_version(
 
 def _snapshot(ctx: JobContext, dataset_id: str) -> Snapshot:
     ctx.progress.stage("loading")
-    snap = load_snapshot(ctx.engine, dataset_id, ctx.cache)
+    snap = load_snapshot(ctx.engine, dataset_id, ctx.cache, cache_in_background=True)
     if len(snap.ids) == 0:
         raise ClusteringInputError(f"dataset {dataset_id!r} is empty: add items first")
     return snap

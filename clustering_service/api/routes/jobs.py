@@ -82,7 +82,7 @@ async def create_job(
     """Queue a train or update job (validated first: 4xx naming the field)."""
     body = await parse_body(request, _JOB_CREATE)
     row, created = await asyncio.to_thread(
-        submit, runtime.engine, runtime.defer, body, idempotency_key
+        submit, runtime.engine, runtime.require_defer(), body, idempotency_key
     )
     return job_response(row, created)
 
@@ -111,7 +111,7 @@ def get_job(job_id: str, engine: EngineDep) -> dict:
 def cancel_job(job_id: str, runtime: RuntimeDep) -> dict:
     """A queued job is cancelled at once; a running one stops at its next progress report
     (``cancel_requested`` is true until then). 409 for a job that has ended."""
-    return jobs_db.public(jobs_db.request_cancel(runtime.engine, job_id, runtime.cancel))
+    return jobs_db.public(jobs_db.request_cancel(runtime.engine, job_id, runtime.require_cancel()))
 
 
 @router.get(

@@ -108,7 +108,7 @@ def update_model(
 ) -> JSONResponse:
     """Queue an update job of this model (same as ``POST /v1/jobs`` with type update)."""
     request = UpdateJobCreate(type="update", model_name=name, **body.model_dump())
-    row, created = submit(runtime.engine, runtime.defer, request, idempotency_key)
+    row, created = submit(runtime.engine, runtime.require_defer(), request, idempotency_key)
     return job_response(row, created)
 
 
