@@ -67,5 +67,6 @@ def create_app(
 
     register_error_handlers(app, count, IMAGE_FIELDS)
     app.include_router(embeddings.router)
+    app.include_router(embeddings.compat_router)
     app.include_router(health.router)
     return app

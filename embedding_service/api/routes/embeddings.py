@@ -91,6 +91,25 @@ async def create_embeddings(
     return Response(content, media_type="application/json", headers=headers)
 
 
+# The seed project's client posts {"base64_images": [...], "normalize": ...} to
+# /embeddings/ and reads "embeddings": the same handler serves it (the field alias
+# and the float default are in the request model), so that client works by changing
+# only its host and port.
+compat_router = APIRouter(tags=["compatibility"], dependencies=[Depends(require_api_key)])
+compat_router.post(
+    "/embeddings/",
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    summary="Compatibility route of the seed project's client (same as POST /v1/embeddings)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+        }
+    },
+)(create_embeddings)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 

@@ -314,3 +314,18 @@ def test_work_of_a_client_that_went_away_is_dropped(
         assert len(controlled.seen) - seen_before == 1
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'embedding_requests_total{outcome="disconnected"} 1.0' in metrics
+
+
+def test_seed_client_route(client: TestClient, tiny_backend: Any, photos_b64: list[str]) -> None:
+    """The seed project's client: POST /embeddings/ with base64_images (and normalize),
+    reading "embeddings" -- only the host and port change."""
+    response = client.post(
+        "/embeddings/", json={"base64_images": photos_b64[:3], "normalize": False}
+    )
+    assert response.status_code == 200, response.text
+    vectors = np.asarray(response.json()["embeddings"], dtype=np.float32)
+    expected = reference(tiny_backend, photos_b64[1], normalize=False)
+    np.testing.assert_allclose(vectors[1], expected, rtol=1e-4, atol=1e-5)
+    assert abs(float(np.linalg.norm(vectors[0])) - 1.0) > 1e-3  # not normalised, as asked
+    bad = client.post("/embeddings/", json={"base64_images": ["not an image"]})
+    assert bad.status_code == 422 and bad.json()["error"]["index"] == 0
