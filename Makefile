@@ -1,7 +1,8 @@
 # One entry point for people, CI and containers alike.
 #   make setup   create .venv and install everything (torch first, CPU build)
 #   make test    setup + ruff + the whole test suite (what .ci/run runs)
-#   make run     setup + start the embedding service (python -m embedding_service)
+#   make run     setup + the demo: both services, real images, a trained model (Ctrl-C stops)
+#   make serve   setup + both services, nothing else (dinocluster serve)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,8 +12,9 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup test lint run clean
+.PHONY: setup test lint run serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +33,10 @@ test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: setup
-	$(BIN)/python -m embedding_service
+	$(BIN)/dinocluster demo $(DEMO_ARGS)
+
+serve: setup
+	$(BIN)/dinocluster serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -19,7 +19,7 @@ import base64
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -44,12 +44,13 @@ FALLBACK_MAX_BATCH = 32
 _BODY_OVERHEAD = 1024
 
 
-class EmbeddingServiceError(Exception):
-    """An error answer of the embedding service (or no answer at all: status 0).
+class ApiError(Exception):
+    """An error answer of a dinocluster service (or no answer at all: status 0).
 
     ``type`` is the server's machine-readable error type (``invalid_image``,
-    ``overloaded``, ...), ``index`` the failing image's position in the list the
-    caller passed, ``retry_after`` the server's Retry-After in seconds.
+    ``overloaded``, ``not_found``...), ``field`` the request field it names,
+    ``index`` the failing item's position, ``retry_after`` the server's
+    Retry-After in seconds.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class EmbeddingServiceError(Exception):
         return self.status in (429, 503)
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> EmbeddingServiceError:
+    def from_response(cls, response: httpx.Response) -> Self:
         try:
             body = response.json()
             error = body["error"]
@@ -95,6 +96,11 @@ class EmbeddingServiceError(Exception):
             retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
             body=body,
         )
+
+
+class EmbeddingServiceError(ApiError):
+    """An error answer of the embedding service; ``index`` is the failing image's
+    position in the list the caller passed."""
 
     def shifted(self, offset: int) -> EmbeddingServiceError:
         """The same error with ``index`` relative to a list that starts ``offset`` earlier."""
@@ -122,7 +128,7 @@ def encode_image(image: ImageInput) -> str:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, EmbeddingServiceError):
+    if isinstance(exc, ApiError):
         return exc.retryable
     return isinstance(exc, httpx.TransportError)
 

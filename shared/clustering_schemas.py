@@ -95,6 +95,15 @@ class ItemsDelete(_Request):
     ids: list[ItemId] = Field(min_length=1)
 
 
+class ItemsLookup(_Request):
+    ids: list[ItemId] = Field(min_length=1, max_length=100_000)
+
+
+class ItemsFound(BaseModel):
+    present: list[str] = Field(description="Ids the dataset holds, in request order.")
+    missing: list[str] = Field(description="Ids it does not hold, in request order.")
+
+
 class ItemsDeleted(BaseModel):
     deleted: int
     missing: int = Field(description="Ids that were not in the dataset.")

@@ -72,7 +72,11 @@ def test_dockerfile_runs_the_service_module(dockerfile: str) -> None:
 def test_makefile_uses_the_same_torch_pin_and_command() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert f"TORCH_SPEC ?= {_torch_pin()}" in makefile
-    assert "$(BIN)/python -m embedding_service" in makefile
+    assert "$(BIN)/dinocluster demo" in makefile
+    # the demo and `dinocluster serve` start the services with the containers' commands
+    launcher = (ROOT / "dinocluster" / "local.py").read_text()
+    assert '"-m"' in launcher and '"embedding_service"' in launcher
+    assert '"clustering_service"' in launcher
 
 
 @pytest.mark.parametrize(

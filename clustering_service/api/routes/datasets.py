@@ -20,6 +20,8 @@ from shared.clustering_schemas import (
     ItemsAdded,
     ItemsDelete,
     ItemsDeleted,
+    ItemsFound,
+    ItemsLookup,
 )
 
 router = APIRouter(
@@ -68,6 +70,19 @@ async def add_items(dataset_id: str, request: Request, runtime: RuntimeDep) -> I
     runtime.metrics.items_ingested.inc(result.added)
     return ItemsAdded(
         added=result.added, duplicates=result.duplicates, count=result.count, dim=result.dim
+    )
+
+
+@router.post(
+    "/{dataset_id}/items/lookup", response_model=ItemsFound, responses=errors(401, 404, 422)
+)
+def lookup_items(dataset_id: str, body: ItemsLookup, engine: EngineDep) -> ItemsFound:
+    """Which of the ids the dataset holds (clients resuming an upload skip those)."""
+    datasets_db.get(engine, dataset_id)
+    stored = datasets_db.existing_ids(engine, dataset_id, body.ids)
+    return ItemsFound(
+        present=[i for i in body.ids if i in stored],
+        missing=[i for i in body.ids if i not in stored],
     )
 
 

@@ -1,0 +1,5 @@
+"""``python -m dinocluster``: the same as the ``dinocluster`` command."""
+
+from dinocluster.cli import run
+
+run()
