@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # for tests.support and bench (--import-mode=importlib)
     sys.path.insert(0, str(ROOT))
 
+# the services (embedding, clustering, PostgreSQL) the HTTP tests of every package share
+pytest_plugins = ["tests.support.fixtures"]
+
 #: Formats every image endpoint accepts (Pillow names) and the file each fixture writes.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 PHONE_SIZE = (4000, 3000)

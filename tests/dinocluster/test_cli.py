@@ -213,10 +213,11 @@ def test_failures_exit_non_zero_with_the_reason(
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path: Path) -> None:
+def test_demo_end_to_end() -> None:
     """The README's main-job command, in its script form."""
-    from tests.support.processes import free_port
+    from tests.support.processes import free_port, private_dir
 
+    data_dir = private_dir()
     result = subprocess.run(
         [
             sys.executable,
@@ -230,7 +231,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             "--digits",
             "30",
             "--data-dir",
-            str(tmp_path / "demo"),
+            str(data_dir),
             "--embedding-port",
             str(free_port()),
             "--port",
@@ -248,6 +249,6 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert sum(c["size"] for c in summary["clusters"]) == 54
         assert summary["dashboard"].endswith("/dashboard")
     finally:
-        from tests.clustering_service.api.conftest import _stop_postmaster
+        from tests.support.fixtures import stop_postmaster
 
-        _stop_postmaster(tmp_path / "demo" / "postgres")
+        stop_postmaster(data_dir / "postgres")

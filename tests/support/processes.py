@@ -107,3 +107,13 @@ class ServiceProcess:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+
+def private_dir(prefix: str = "dinocluster-test-") -> Path:
+    """A fresh directory OUTSIDE pytest's temporary root, for an embedded PostgreSQL.
+
+    Its server runs as another user (pgserver's, when tests run as root) that must
+    traverse the path; every pytest session resets its own root to mode 0700, which
+    cut off the servers of any other test session running on the same machine.
+    """
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -21,7 +21,7 @@ LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     try:
         with psycopg.connect(LOCAL_PG, autocommit=True, connect_timeout=3) as conn:
             name = f"dinocluster_store_{uuid.uuid4().hex[:10]}"
@@ -33,7 +33,9 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     except psycopg.OperationalError:
         import pgserver
 
-        pgdata = tmp_path_factory.mktemp("store-pg") / "postgres"
+        from tests.support.processes import private_dir
+
+        pgdata = private_dir() / "postgres"
         server = pgserver.get_server(pgdata, cleanup_mode=None)
         yield server.get_uri()
         pid = int((Path(pgdata) / "postmaster.pid").read_text().split()[0])

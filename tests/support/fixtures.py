@@ -1,9 +1,11 @@
-"""Real processes for the clustering service's HTTP tests.
+"""Real processes for the clustering service's HTTP tests, shared by every test
+package (loaded as a plugin by tests/conftest.py, so the session-wide services
+start once however many packages use them).
 
 * the embedding service (``python -m embedding_service --model random:tiny``),
   once per session;
-* PostgreSQL two ways: the embedded one (pgserver, in a temporary directory)
-  and the machine's server at 127.0.0.1:5432 (a fresh database per session).
+* PostgreSQL two ways: the embedded one (pgserver, in a private directory)
+  and the machine's server at 127.0.0.1:5432 (a fresh database per test).
   The second must be there in CI (``DINOCLUSTER_REQUIRE_LOCAL_PG=1``, set by
   .ci/run): the tests fail without it instead of skipping;
 * ``python -m clustering_service`` (and ``... worker``) processes, started per
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -25,12 +28,12 @@ import psycopg
 import pytest
 
 from tests.support.clustering import Clustering
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, private_dir
 
 LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _stop_postmaster(pgdata: Path) -> None:
+def stop_postmaster(pgdata: Path) -> None:
     pid_file = pgdata / "postmaster.pid"
     if pid_file.exists():
         pid = int(pid_file.read_text().split()[0])
@@ -62,11 +65,12 @@ def embedding_service() -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="session")
-def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def embedded_data_dir() -> Iterator[Path]:
     """A data directory whose embedded PostgreSQL is stopped after the session."""
-    path = tmp_path_factory.mktemp("clustering-data")
+    path = private_dir()
     yield path
-    _stop_postmaster(path / "postgres")
+    stop_postmaster(path / "postgres")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _local_pg_available() -> bool:
@@ -105,15 +109,17 @@ class ClusteringFactory:
     """Makes :class:`Clustering` processes (unstarted) and databases for one test; at
     the end stops the processes first, then their databases."""
 
-    def __init__(self, embedding_url: str, tmp_path: Path, request: pytest.FixtureRequest):
+    def __init__(self, embedding_url: str, request: pytest.FixtureRequest):
         self.embedding_url = embedding_url
-        self.tmp_path = tmp_path
         self.request = request
+        self._data_dir: Path | None = None
         self.made: list[Clustering] = []
         self.databases: list[str] = []
 
     def __call__(self, **kwargs: Any) -> Clustering:
-        kwargs.setdefault("data_dir", self.tmp_path / "data")
+        if "data_dir" not in kwargs:
+            self._data_dir = self._data_dir or private_dir()
+            kwargs["data_dir"] = self._data_dir
         process = Clustering(self.embedding_url, **kwargs)
         self.made.append(process)
         return process
@@ -128,18 +134,20 @@ class ClusteringFactory:
         for process in self.made:
             process.close()
         for data_dir in {process.data_dir for process in self.made}:
-            _stop_postmaster(data_dir / "postgres")
+            stop_postmaster(data_dir / "postgres")
         for url in self.databases:
             _drop_database(url)
+        if self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def clustering_factory(
-    embedding_service: ServiceProcess, tmp_path: Path, request: pytest.FixtureRequest
+    embedding_service: ServiceProcess, request: pytest.FixtureRequest
 ) -> Iterator[ClusteringFactory]:
     """``clustering_factory(data_dir=<fresh>, database_url=None, command="serve", env=None)``
     and ``clustering_factory.local_pg()``; everything is stopped after the test."""
-    factory = ClusteringFactory(embedding_service.url, tmp_path, request)
+    factory = ClusteringFactory(embedding_service.url, request)
     yield factory
     factory.close()
 
