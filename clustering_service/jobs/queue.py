@@ -52,6 +52,7 @@ def make_app(database_url: str, max_attempts: int) -> App:
         name=TASK_NAME,
         queue=QUEUE,
         pass_context=True,
+        # a shutdown re-queues the run; the runner fails the job once it used its attempts
         retry=RetryStrategy(max_attempts=max_attempts, retry_exceptions={JobInterrupted}),
     )(_run_job)
     return app

@@ -40,12 +40,14 @@ class JobRunner:
         device: str,
         progress_interval: float,
         worker: str,
+        max_attempts: int,
     ) -> None:
         self.engine = engine
         self.cache = cache
         self.device = device
         self.progress_interval = progress_interval
         self.worker = worker
+        self.max_attempts = max_attempts
 
     def run(self, job_id: str, context: Any) -> None:
         """Run job ``job_id``; ``context`` is procrastinate's JobContext (abort requests)."""
@@ -68,6 +70,13 @@ class JobRunner:
             log.info("job %s succeeded: %s version %d", job_id, spec["model_name"], version)
         except ClusteringCancelled:
             if context.abort_reason() == AbortReason.SHUTDOWN:
+                if row.attempts >= self.max_attempts:
+                    reason = (
+                        f"its worker shut down during each of its {row.attempts} runs "
+                        f"(limit job_max_attempts={self.max_attempts})"
+                    )
+                    self._end(job_id, "failed", {"type": "worker_lost", "message": reason})
+                    return
                 jobs_db.requeue(self.engine, job_id, "its worker shut down")
                 raise JobInterrupted(f"job {job_id}: worker shutting down") from None
             self._end(job_id, "cancelled", None)

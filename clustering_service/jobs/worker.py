@@ -46,6 +46,7 @@ async def run_worker(
         device=settings.device,
         progress_interval=settings.progress_interval_seconds,
         worker=worker_name(),
+        max_attempts=settings.job_max_attempts,
     )
     async with app.open_async():
         sweeper = asyncio.create_task(_sweep(app, engine, settings))

@@ -74,10 +74,15 @@ def test_kill_during_ingest_loses_no_acknowledged_item(clustering_factory: Any) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_attempts", [3, 1])
+@pytest.mark.parametrize(("how", "max_attempts"), [("kill", 3), ("kill", 1), ("term", 3)])
 def test_kill_during_training(
-    clustering_factory: Any, digits_vectors: tuple[np.ndarray, np.ndarray], max_attempts: int
+    clustering_factory: Any,
+    digits_vectors: tuple[np.ndarray, np.ndarray],
+    how: str,
+    max_attempts: int,
 ) -> None:
+    """kill -9 (a crash: the job is found stalled and re-run) or SIGTERM (a shutdown:
+    the job is aborted at once and handed back to the queue)."""
     service = (
         clustering_factory(env={"CLUSTERING_JOB_MAX_ATTEMPTS": str(max_attempts)})
         .start()
@@ -98,7 +103,10 @@ def test_kill_during_training(
         },
     ).json()
     _running(service, job["id"])
-    service.kill()
+    if how == "kill":
+        service.kill()
+    else:
+        service.stop()
     service.start().wait_ready()
     c = service.client
     # no partial version became visible
