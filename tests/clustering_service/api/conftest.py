@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,23 +23,9 @@ import psycopg
 import pytest
 
 from tests.support.clustering import Clustering
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, stop_postmaster
 
 LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _stop_postmaster(pgdata: Path) -> None:
-    pid_file = pgdata / "postmaster.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        except ProcessLookupError:
-            return
-        for _ in range(100):
-            if not pid_file.exists():
-                return
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +50,7 @@ def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     """A data directory whose embedded PostgreSQL is stopped after the session."""
     path = tmp_path_factory.mktemp("clustering-data")
     yield path
-    _stop_postmaster(path / "postgres")
+    stop_postmaster(path / "postgres")
 
 
 def _local_pg_available() -> bool:
@@ -128,7 +112,7 @@ class ClusteringFactory:
         for process in self.made:
             process.close()
         for data_dir in {process.data_dir for process in self.made}:
-            _stop_postmaster(data_dir / "postgres")
+            stop_postmaster(data_dir / "postgres")
         for url in self.databases:
             _drop_database(url)
 
