@@ -16,7 +16,7 @@
   const MAX_STREAMS = 4; // browsers allow ~6 connections per host; keep some for the rest
   const THUMBS_PER_LOOKUP = 500;
   const PROJECTION_LIMIT = 2000;
-  const MOVED_LIMIT = 60;
+  const MOVED_LIMIT = 24;
   const PALETTE = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
     "#ff9da7", "#9c755f", "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728",
@@ -233,11 +233,12 @@
   }
 
   function thumbElement(datasetId, itemId) {
-    const holder = h("div", { class: "nothumb", title: itemId }, "…");
+    const holder = h("div", { class: "nothumb pending", title: itemId }, "…");
     thumbnail(datasetId, itemId).then((uri) => {
       if (uri) {
         holder.replaceWith(h("img", { class: "thumb", src: uri, alt: itemId, title: itemId }));
-      } else {
+      } else { // added as a vector, or deleted from the dataset since
+        holder.classList.remove("pending");
         holder.textContent = itemId;
       }
     });
@@ -293,7 +294,7 @@
       h("td", {}, job.type),
       h("td", { class: "model" }),
       h("td", {}, job.algorithm || "—"),
-      h("td", { class: "state" }),
+      h("td", { class: "state-cell" }),
       h("td", { class: "progress" }, bar, h("span", { class: "detail" })),
       h("td", { class: "num duration" }),
       h("td", {}, when(job.created_at)),
@@ -307,8 +308,8 @@
       ? h("a", { href: versionHref(job.result.model_name, job.result.version) },
         `${job.result.model_name} v${job.result.version}`)
       : job.model_name || "—");
-    cells[4].replaceChildren(h("span", { class: `state ${job.state}` }, job.state),
-      live ? h("span", { class: "live", title: "following the job's events" }, "● live") : null);
+    cells[4].replaceChildren(h("span", { class: `state ${job.state}` }, job.state));
+    if (live) cells[4].append(h("span", { class: "live", title: "following the job's events" }, "● live"));
     const bar = cells[5].querySelector("progress");
     const p = job.progress || {};
     if (job.state === "succeeded") bar.value = 1;
@@ -470,16 +471,19 @@
 
   // ---- a version -----------------------------------------------------------------
 
-  async function versionPage(name, number, signal) {
+  // ``compareWith``: the version the stability view compares with (default: the parent)
+  async function versionPage(name, number, compareWith, signal) {
     const base = `/v1/models/${encodeURIComponent(name)}/versions/${number}`;
     const v = await api(base, { signal });
-    const [clusters, projection, transitions] = await Promise.all([
+    const from = compareWith || v.parent_version;
+    const [model, clusters, projection, transitions] = await Promise.all([
+      api(`/v1/models/${encodeURIComponent(name)}`, { signal }),
       api(`${base}/clusters`, { signal }),
       api(`${base}/projection?limit=${PROJECTION_LIMIT}`, { signal }),
-      v.parent_version ? api(`${base}/transitions?limit=${MOVED_LIMIT}`, { signal }) : null,
+      from ? api(`${base}/transitions?from_version=${from}&limit=${MOVED_LIMIT}`, { signal }) : null,
     ]);
     const m = v.metrics || {};
-    main.replaceChildren(
+    main.replaceChildren(...[
       h("h1", {}, h("a", { href: `#/models/${encodeURIComponent(name)}` }, name), ` v${v.version}`),
       h("div", { class: "card facts", id: "version-facts" },
         fact("Algorithm", v.algorithm),
@@ -499,7 +503,9 @@
       gallery(v, clusters.clusters),
       h("h2", {}, "Projection"),
       scatter(v, projection),
-      transitions ? stabilityView(v, transitions) : null);
+      compareControl(v, model.versions.map((x) => x.version), from),
+      transitions ? stabilityView(v, transitions) : null,
+    ].filter(Boolean));
   }
 
   function gallery(v, clusters) {
@@ -602,14 +608,31 @@
     tooltip.hidden = true;
   }
 
+  function compareControl(v, numbers, from) {
+    const others = numbers.filter((n) => n !== v.version);
+    if (others.length === 0) return null;
+    const select = h("select", {
+      id: "compare",
+      onchange: (event) => {
+        const chosen = event.target.value;
+        location.hash = versionHref(v.model_name, v.version)
+          + (chosen && Number(chosen) !== v.parent_version ? `?from=${chosen}` : "");
+      },
+    }, h("option", { value: "" }, "—"), others.map((n) => h("option", { value: n, selected: n === from },
+      n === v.parent_version ? `v${n} (parent)` : `v${n}`)));
+    return h("p", {}, h("label", { for: "compare" }, "Compare with version "), select);
+  }
+
   function stabilityView(v, t) {
-    const s = v.stability || {};
-    const parentHref = versionHref(v.model_name, t.from_version);
+    // the update's own report holds what only its training knew (ARI, centroid shift)
+    const s = t.is_parent ? v.stability || {} : {};
+    const otherHref = versionHref(v.model_name, t.from_version);
     return h("section", { id: "stability" },
-      h("h2", {}, "Stability against ", h("a", { href: parentHref }, `v${t.from_version}`)),
+      h("h2", {}, t.is_parent ? "Stability against its parent " : "Compared with ",
+        h("a", { href: otherHref }, `v${t.from_version}`)),
       h("div", { class: "card facts" },
         fact("Kept their cluster", pct(t.kept_fraction)),
-        fact("ARI vs parent", fmt(s.ari)),
+        fact("ARI", fmt(s.ari)),
         fact("Moved", fmt(t.moved)),
         fact("Retained / added / removed",
           `${fmt(t.items_shared)} / ${fmt(t.items_added)} / ${fmt(t.items_removed)}`),
@@ -624,7 +647,9 @@
   }
 
   function shiftBars(shift) {
-    if (!shift || shift.length === 0) return h("p", { class: "muted" }, "Not reported by this update.");
+    if (!shift || shift.length === 0) {
+      return h("p", { class: "muted" }, "Reported by an update against its parent only.");
+    }
     const W = 520;
     const rowH = 18;
     const H = shift.length * rowH + 10;
@@ -713,14 +738,16 @@
       askForKey("");
       return;
     }
-    const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+    const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
+    const parts = path.split("/").map(decodeURIComponent);
+    const params = new URLSearchParams(query || "");
     for (const link of document.querySelectorAll("header nav a")) {
       link.classList.toggle("active", link.dataset.nav === (parts[0] || "jobs"));
     }
     main.replaceChildren(h("p", { class: "muted" }, "Loading…"));
     try {
       if (parts[0] === "models" && parts.length === 4 && parts[2] === "versions") {
-        await versionPage(parts[1], Number(parts[3]), signal);
+        await versionPage(parts[1], Number(parts[3]), Number(params.get("from")) || null, signal);
       } else if (parts[0] === "models" && parts[1]) {
         await modelPage(parts[1], signal);
       } else if (parts[0] === "models") {

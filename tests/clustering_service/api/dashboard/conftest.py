@@ -1,7 +1,8 @@
 """One clustering service for the dashboard's tests, started once per session: an
 API key set, a dataset of real photographs (crops of the scikit-learn and
 scikit-image sample photos, embedded by the real embedding service), a model
-trained on it, then an update after items were deleted and added.
+trained on it (version 1), an update after items were deleted and added
+(version 2), and a version trained afresh with another k (version 3, no parent).
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ from tests.support.processes import ServiceProcess, stop_postmaster
 API_KEY = "dashboard-test-key"
 MODEL = "photos"
 PHOTOS = ("china", "flower", "astronaut", "coffee", "chelsea", "rocket")
-#: crops per photo in version 1; one more of each comes with the update
+#: crops per photo in version 1; the others come with the update
 FIRST_CROPS = 4
 
 
-def crops(photo: np.ndarray, n: int = 5, side: int = 192) -> list[Image.Image]:
-    """``n`` overlapping crops of a photo (corners, then the centre), shrunk to ``side`` px."""
+def crops(photo: np.ndarray, side: int = 192) -> list[Image.Image]:
+    """Overlapping crops of a photo: its corners and centre at 65% of its size, then at
+    45%; shrunk to ``side`` px."""
     height, width = photo.shape[:2]
-    h, w = int(height * 0.65), int(width * 0.65)
-    corners = [(0, 0), (0, width - w), (height - h, 0), (height - h, width - w)]
-    corners.append(((height - h) // 2, (width - w) // 2))
     out = []
-    for top, left in corners[:n]:
-        image = Image.fromarray(photo[top : top + h, left : left + w])
-        image.thumbnail((side, side), Image.Resampling.BICUBIC)
-        out.append(image)
+    for scale in (0.65, 0.45):
+        h, w = int(height * scale), int(width * scale)
+        corners = [(0, 0), (0, width - w), (height - h, 0), (height - h, width - w)]
+        corners.append(((height - h) // 2, (width - w) // 2))
+        for top, left in corners:
+            image = Image.fromarray(photo[top : top + h, left : left + w])
+            image.thumbnail((side, side), Image.Resampling.BICUBIC)
+            out.append(image)
     return out
 
 
@@ -95,12 +98,14 @@ def dashboard_data(
         r = c.post(f"/v1/models/{MODEL}/update", json={"params": {"max_epochs": 5}})
         assert r.status_code == 202, r.text
         assert service.wait_job(r.json()["id"])["state"] == "succeeded"
+        job = service.train(dataset, "kmeans", MODEL, n_clusters=len(PHOTOS) - 2)
+        assert service.wait_job(job["id"])["state"] == "succeeded"
         for version in (1, 2):
             r = c.put(f"/v1/models/{MODEL}/aliases/production", json={"version": version})
             assert r.status_code == 200, r.text
 
         data = DashboardData(service, dataset, removed, [item["id"] for item in new])
-        for version in (1, 2):
+        for version in (1, 2, 3):
             data.versions[version] = c.get(f"/v1/models/{MODEL}/versions/{version}").json()
         yield data
     finally:
