@@ -47,20 +47,30 @@ def _unavailable(reason: str) -> None:
     message = f"the dashboard's browser tests need {reason}"
     if os.environ.get("DINOCLUSTER_REQUIRE_BROWSER") == "1":
         pytest.fail(message + "; DINOCLUSTER_REQUIRE_BROWSER=1 requires them to run")
-    print(f"\nSKIPPING: {message} (apt-get install chromium)")
-    pytest.skip(message)
+    pytest.skip(message + " (apt-get install chromium)")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+# session-scoped, like ``dashboard_data``, so that pytest checks it first: no service is
+# started for tests that will skip
+@pytest.fixture(scope="session")
+def chromium() -> str:
     if not Path(CHROMIUM).exists():
         _unavailable(f"chromium at {CHROMIUM}")
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _unavailable("the playwright package (pip install -e '.[dev]')")
+    return CHROMIUM
+
+
+# module-scoped: Playwright's synchronous API keeps an event loop of its own while it
+# runs, which must not outlive these tests
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
@@ -116,7 +126,7 @@ class Page:
 
 
 @pytest.fixture
-def open_page(browser: Any, dashboard_data: Any) -> Iterator[Any]:
+def open_page(chromium: str, dashboard_data: Any, browser: Any) -> Iterator[Any]:
     pages: list[Page] = []
 
     def make(with_key: bool = True) -> Page:
