@@ -8,7 +8,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from clustering_service.api.routes import algorithms, datasets, health, jobs, models
+from clustering_service.api.routes import (
+    algorithms,
+    dashboard,
+    datasets,
+    health,
+    jobs,
+    models,
+    views,
+)
 from clustering_service.config import Settings
 from clustering_service.runtime import ClusteringRuntime, service_version
 from shared.server import BodyLimitMiddleware, register_error_handlers
@@ -52,6 +60,6 @@ def create_app(settings: Settings | None = None, embedding_transport: Any = None
             runtime.metrics.failures.labels(error_type).inc()
 
     register_error_handlers(app, count, ("items", "embeddings", "images"))
-    for module in (datasets, algorithms, jobs, models, health):
+    for module in (datasets, algorithms, jobs, models, views, health, dashboard):
         app.include_router(module.router)
     return app

@@ -27,6 +27,7 @@ from clustering_service.jobs.worker import run_worker_forever
 from clustering_service.metrics import ServiceMetrics
 from clustering_service.store.cache import CacheDir
 from clustering_service.versions import VersionCache
+from clustering_service.views import ViewCache
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ClusteringRuntime:
         self.database_url: str | None = None
         self.hub: JobEventHub | None = None
         self.versions: VersionCache | None = None
+        self.views = ViewCache()
         self._worker: asyncio.Task[None] | None = None
         self.defer: Deferrer | None = None
         self.cancel: QueueCanceller | None = None
@@ -137,6 +139,8 @@ class ClusteringRuntime:
             "service": "clustering",
             "version": service_version(),
             "database": "embedded" if s.database_url is None else "external",
+            # the dashboard asks for a key before its first call instead of after a 401
+            "api_key_required": s.api_key is not None,
             "schema_revision": migrate.head_revision(),
             "embedding_urls": s.embedding_urls,
             "in_process_worker": s.in_process_worker,

@@ -110,6 +110,21 @@ class ItemsDeleted(BaseModel):
     count: int
 
 
+class ThumbnailsLookup(_Request):
+    ids: list[ItemId] = Field(min_length=1, max_length=500)
+
+
+class ItemThumbnail(BaseModel):
+    item_id: str
+    thumbnail: str | None = Field(
+        description='"data:image/webp;base64,..." or null (no such item, or added as a vector).'
+    )
+
+
+class Thumbnails(BaseModel):
+    thumbnails: list[ItemThumbnail] = Field(description="In the order of the request's ids.")
+
+
 # --- algorithms ---------------------------------------------------------------------
 
 
@@ -289,6 +304,62 @@ class Assignments(BaseModel):
     total: int = Field(description="Items matching the filter.")
     items: list[Assignment]
     next_cursor: str | None
+
+
+class ProjectedItem(BaseModel):
+    item_id: str
+    cluster: int
+    x: float
+    y: float
+
+
+class Projection(BaseModel):
+    model_name: str
+    version: int
+    dataset_id: str | None
+    method: Literal["pca"]
+    seed: int = Field(description="Seed of the sample: the same request gives the same points.")
+    total: int = Field(description="Items of the version.")
+    missing: int = Field(
+        description="Items of the version deleted from the dataset since (no vector to project)."
+    )
+    explained_variance_ratio: list[float] = Field(description="Share of variance per axis.")
+    points: list[ProjectedItem]
+
+
+class ClusterTransition(BaseModel):
+    from_cluster: int
+    to_cluster: int
+    count: int
+
+
+class MovedItem(BaseModel):
+    item_id: str
+    from_cluster: int
+    to_cluster: int
+    probability: float = Field(description="Of its new cluster.")
+
+
+class Transitions(BaseModel):
+    model_name: str
+    version: int
+    from_version: int
+    is_parent: bool = Field(description="from_version is the version's parent.")
+    items_shared: int = Field(description="Items in both versions.")
+    items_added: int = Field(description="Items of version not in from_version.")
+    items_removed: int = Field(description="Items of from_version not in version.")
+    moved: int = Field(description="Shared items whose cluster id changed.")
+    kept_fraction: float | None = Field(description="Shared items that kept their cluster id.")
+    from_sizes: list[int] = Field(description="Cluster sizes in from_version, by cluster id.")
+    to_sizes: list[int] = Field(description="Cluster sizes in version, by cluster id.")
+    emptied_clusters: list[int] = Field(description="Had items in from_version, none now.")
+    centroid_shift: list[float | None] | None = Field(
+        description="Per cluster id, from the update's stability report (parent only)."
+    )
+    transitions: list[ClusterTransition] = Field(
+        description="Shared items per (from cluster, to cluster) pair; pairs with none left out."
+    )
+    moved_items: list[MovedItem] = Field(description="A seeded sample of the moved items.")
 
 
 # --- prediction ---------------------------------------------------------------------

@@ -96,3 +96,17 @@ def thumbnail(engine: Engine, dataset_id: str, item_id: str) -> bytes:
             f"dataset {dataset_id!r} has no thumbnail for item {item_id!r}", resource="thumbnail"
         )
     return data
+
+
+def thumbnails(engine: Engine, dataset_id: str, ids: list[str]) -> dict[str, bytes]:
+    """The thumbnails the dataset holds of ``ids`` (items without one are left out)."""
+    get(engine, dataset_id)  # 404 for an unknown dataset
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(items.c.item_id, items.c.thumbnail).where(
+                items.c.dataset_id == dataset_id,
+                items.c.item_id.in_(ids),
+                items.c.thumbnail.is_not(None),
+            )
+        ).all()
+    return {r.item_id: r.thumbnail for r in rows}

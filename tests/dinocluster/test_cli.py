@@ -249,6 +249,6 @@ def test_demo_end_to_end() -> None:
         assert sum(c["size"] for c in summary["clusters"]) == 54
         assert summary["dashboard"].endswith("/dashboard")
     finally:
-        from tests.support.fixtures import stop_postmaster
+        from tests.support.processes import stop_postmaster
 
         stop_postmaster(data_dir / "postgres")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,23 +26,9 @@ import psycopg
 import pytest
 
 from tests.support.clustering import Clustering
-from tests.support.processes import ServiceProcess, private_dir
+from tests.support.processes import ServiceProcess, private_dir, stop_postmaster
 
 LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def stop_postmaster(pgdata: Path) -> None:
-    pid_file = pgdata / "postmaster.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        except ProcessLookupError:
-            return
-        for _ in range(100):
-            if not pid_file.exists():
-                return
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

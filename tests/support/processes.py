@@ -38,6 +38,21 @@ def wait_ready(
     raise TimeoutError(f"{base_url} not ready after {timeout} s")
 
 
+def stop_postmaster(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL a clustering service left running in ``pgdata``."""
+    pid_file = pgdata / "postmaster.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().split()[0])
+        try:
+            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        except ProcessLookupError:
+            return
+        for _ in range(100):
+            if not pid_file.exists():
+                return
+            time.sleep(0.1)
+
+
 class ServiceProcess:
     """``python -m <module> [args]`` in a subprocess with its output in a file.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pybase64
 from fastapi import APIRouter, Depends, Request, Response
 
 from clustering_service.api.deps import EngineDep, RuntimeDep, parse_body, require_api_key
@@ -22,6 +23,8 @@ from shared.clustering_schemas import (
     ItemsDeleted,
     ItemsFound,
     ItemsLookup,
+    Thumbnails,
+    ThumbnailsLookup,
 )
 
 router = APIRouter(
@@ -92,6 +95,30 @@ def remove_items(dataset_id: str, body: ItemsDelete, engine: EngineDep) -> Items
     ids = list(dict.fromkeys(body.ids))
     deleted, count = delete_items(engine, dataset_id, ids)
     return ItemsDeleted(deleted=deleted, missing=len(ids) - deleted, count=count)
+
+
+@router.post(
+    "/{dataset_id}/thumbnails/lookup", response_model=Thumbnails, responses=errors(401, 404, 422)
+)
+async def lookup_thumbnails(
+    dataset_id: str, body: ThumbnailsLookup, engine: EngineDep
+) -> Thumbnails:
+    """Thumbnails of up to 500 items in one call, as data URIs (null for an item without
+    one): what a page needs to show many images, with the API key in a header."""
+    found = await asyncio.to_thread(datasets_db.thumbnails, engine, dataset_id, body.ids)
+    return Thumbnails.model_validate(
+        {
+            "thumbnails": [
+                {
+                    "item_id": item_id,
+                    "thumbnail": None
+                    if item_id not in found
+                    else "data:image/webp;base64," + pybase64.b64encode(found[item_id]).decode(),
+                }
+                for item_id in body.ids
+            ]
+        }
+    )
 
 
 # Item ids may hold '/': the thumbnail route must come first.
