@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
+from clustering_service.algorithms.dec import _step_threads
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
 from clustering_service.algorithms.knn import nearest_neighbors
@@ -72,9 +73,11 @@ from clustering_service.algorithms.odc import clip_centroids
 
 #: items the SCAN stage sees when ``epochs`` is None: ``ceil(TRAIN_SAMPLES / N)``
 #: epochs, clipped to [MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS]
-TRAIN_SAMPLES = 600_000
-MIN_AUTO_EPOCHS = 3
-MAX_AUTO_EPOCHS = 300
+TRAIN_SAMPLES = 300_000
+#: the same for the contrastive pre-training of the projection
+PRETRAIN_SAMPLES = 150_000
+MIN_AUTO_EPOCHS = 2
+MAX_AUTO_EPOCHS = 100
 #: iterations between cancel checks inside an epoch
 _CANCEL_EVERY = 200
 _EPS = 1e-7
@@ -183,6 +186,8 @@ class NeighborClusterer(BaseClusterer):
         progress_callback: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
         n_neighbors: int = 20,
+        pretrain_epochs: int | None = None,
+        contrast_temperature: float = 0.2,
         smooth_steps: int = 2,
         hidden_dim: int = 512,
         proj_dim: int = 128,
@@ -197,7 +202,7 @@ class NeighborClusterer(BaseClusterer):
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        kmeans_n_init: int = 10,
+        kmeans_n_init: int = 3,
         update_epochs: int = 2,
     ) -> None:
         self.n_clusters = n_clusters
@@ -206,6 +211,8 @@ class NeighborClusterer(BaseClusterer):
         self.progress_callback = progress_callback
         self.cancel_check = cancel_check
         self.n_neighbors = n_neighbors
+        self.pretrain_epochs = pretrain_epochs
+        self.contrast_temperature = contrast_temperature
         self.smooth_steps = smooth_steps
         self.hidden_dim = hidden_dim
         self.proj_dim = proj_dim
@@ -247,11 +254,11 @@ class NeighborClusterer(BaseClusterer):
                 raise ClusteringInputError(
                     f"{key} must be an integer >= {low}, got {getattr(self, key)!r}"
                 )
-        if self.epochs is not None and not is_int(self.epochs, 0):
-            raise ClusteringInputError(
-                f"epochs must be None or an integer >= 0, got {self.epochs!r}"
-            )
-        for key in ("temperature", "lr"):
+        for key in ("epochs", "pretrain_epochs"):
+            value = getattr(self, key)
+            if value is not None and not is_int(value, 0):
+                raise ClusteringInputError(f"{key} must be None or an integer >= 0, got {value!r}")
+        for key in ("temperature", "contrast_temperature", "lr"):
             if not (isinstance(getattr(self, key), int | float) and getattr(self, key) > 0):
                 raise ClusteringInputError(f"{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("entropy_weight", "weight_decay"):
@@ -262,10 +269,11 @@ class NeighborClusterer(BaseClusterer):
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ClusteringInputError(f"{key} must be in [0, 1], got {value!r}")
 
-    def _auto_epochs(self, n: int) -> int:
-        if self.epochs is not None:
-            return int(self.epochs)
-        return int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(TRAIN_SAMPLES / n))))
+    @staticmethod
+    def _auto_epochs(value: int | None, samples: int, n: int) -> int:
+        if value is not None:
+            return int(value)
+        return int(min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(samples / n))))
 
     # -- helpers ---------------------------------------------------------------
     def _build(self, n_heads: int) -> _Net:
@@ -341,6 +349,23 @@ class NeighborClusterer(BaseClusterer):
         """One epoch of the SCAN loss (summed over heads); with ``anchor_labels``
         (-1 = none) also cross-entropy toward them (updates). Returns the mean loss."""
         net.train()
+        with _step_threads(self.device_):
+            return self._scan_steps(
+                net, opt, Z, neighbors, gen, anchor_labels, heads, parents, max_shift
+            )
+
+    def _scan_steps(
+        self,
+        net: _Net,
+        opt: torch.optim.Optimizer,
+        Z: torch.Tensor,
+        neighbors: torch.Tensor,
+        gen: torch.Generator,
+        anchor_labels: torch.Tensor | None,
+        heads: slice | int,
+        parents: torch.Tensor | None,
+        max_shift: float | None,
+    ) -> float:
         total, count = 0.0, 0
         for step, idx in enumerate(self._batches(Z.shape[0], gen)):
             idx = idx.to(self.device_)
@@ -349,9 +374,8 @@ class NeighborClusterer(BaseClusterer):
             if logits.dim() == 2:
                 logits = logits[:, None, :]
             probs = torch.softmax(logits, -1)
-            loss = scan_loss(probs[: idx.numel()], probs[idx.numel() :], self.entropy_weight)[
-                0
-            ].sum()
+            b = idx.numel()
+            loss = scan_loss(probs[:b], probs[b:], self.entropy_weight)[0].sum()
             if anchor_labels is not None:
                 target = anchor_labels[idx]
                 keep = target >= 0
@@ -390,8 +414,7 @@ class NeighborClusterer(BaseClusterer):
     # -- fit -------------------------------------------------------------------
     def _fit(self, X: np.ndarray) -> None:
         n, k = X.shape[0], self.n_clusters_
-        started = time.perf_counter()
-        seconds: dict[str, float] = {}
+        clock = _Clock()
         gen = seed_everything(self.random_state)
         n_heads = int(self.n_heads)
         net = self._build(n_heads)
@@ -399,12 +422,27 @@ class NeighborClusterer(BaseClusterer):
 
         self._report("neighbors", 0, 1)
         Zn = self._space(X, net)
-        neighbors_np = nearest_neighbors(Zn, int(self.n_neighbors), self.random_state)
-        neighbors = torch.from_numpy(neighbors_np).to(self.device_)
-        seconds["neighbors"] = time.perf_counter() - started
+        Z = torch.from_numpy(Zn).to(self.device_)
+        neighbors = self._neighbors(Zn)
+        clock.lap("neighbors")
         self._report("neighbors", 1, 1)
 
-        smoothed = smooth(Zn, neighbors_np, int(self.smooth_steps))
+        opt = self._optimizer(net)
+        pre_epochs = self._auto_epochs(self.pretrain_epochs, PRETRAIN_SAMPLES, n)
+        for epoch in range(1, pre_epochs + 1):
+            loss = self._contrast_epoch(net, opt, Z, neighbors, gen)
+            self._report("pretrain", epoch, pre_epochs, loss)
+        if pre_epochs:
+            # neighbours again, in the learned space (purer: docs/benchmarks/neighbors.md)
+            feats = self._features(Z, net)
+            neighbors = self._neighbors(feats)
+        else:
+            feats = Zn
+        del Zn
+        clock.lap("pretrain")
+
+        smoothed = smooth(feats, neighbors.cpu().numpy(), int(self.smooth_steps))
+        del feats
         init = []
         for h in range(n_heads):
             _, labels, _ = run_kmeans(
@@ -412,34 +450,31 @@ class NeighborClusterer(BaseClusterer):
                 k,
                 n_init=int(self.kmeans_n_init),
                 random_state=self.random_state + h,
-                spherical=True,
                 callback=lambda *_: self._check_cancel(),
             )
             init.append(labels)
             self._report("kmeans_init", h + 1, n_heads)
         del smoothed
         init_t = torch.from_numpy(np.stack(init, axis=1)).to(self.device_)  # (n, heads)
-        seconds["kmeans_init"] = time.perf_counter() - started - sum(seconds.values())
+        clock.lap("kmeans_init")
 
-        Z = torch.from_numpy(Zn).to(self.device_)
-        del Zn
-        opt = self._optimizer(net)
         for epoch in range(1, int(self.distill_epochs) + 1):
             net.train()
             total = 0.0
             batches = self._batches(n, gen)
-            for idx in batches:
-                idx = idx.to(self.device_)
-                logits = net(Z[idx])
-                loss = F.cross_entropy(logits.reshape(-1, k), init_t[idx].reshape(-1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
+            with _step_threads(self.device_):
+                for idx in batches:
+                    idx = idx.to(self.device_)
+                    logits = net(Z[idx])
+                    loss = F.cross_entropy(logits.reshape(-1, k), init_t[idx].reshape(-1))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach())
             self._report("distill", epoch, int(self.distill_epochs), total / len(batches))
-        seconds["distill"] = time.perf_counter() - started - sum(seconds.values())
+        clock.lap("distill")
 
-        epochs = self._auto_epochs(n)
+        epochs = self._auto_epochs(self.epochs, TRAIN_SAMPLES, n)
         labels = self._probs(Z, net).argmax(-1)
         for epoch in range(1, epochs + 1):
             loss = self._scan_epoch(net, opt, Z, neighbors, gen)
@@ -449,7 +484,7 @@ class NeighborClusterer(BaseClusterer):
             self._report("scan", epoch, epochs, loss / n_heads, change)
         head_loss = self._full_scan_loss(self._probs(Z, net), neighbors)
         best = int(head_loss.argmin())
-        seconds["scan"] = time.perf_counter() - started - sum(seconds.values())
+        clock.lap("scan")
 
         # keep only the chosen head from here on
         kept = self._build(1)
@@ -465,7 +500,7 @@ class NeighborClusterer(BaseClusterer):
             change = float((new != labels).double().mean())
             labels = new
             self._report("self_label", epoch, sl_epochs, loss, change, confident=n_conf / n)
-        seconds["self_label"] = time.perf_counter() - started - sum(seconds.values())
+        clock.lap("self_label")
 
         self.net_ = net
         self.labels_ = labels.cpu().numpy().astype(np.int64)
@@ -474,12 +509,61 @@ class NeighborClusterer(BaseClusterer):
         self.fit_info_ = {
             "head_scan_loss": head_loss.tolist(),
             "kept_head": best,
+            "pretrain_epochs": pre_epochs,
             "scan_epochs": epochs,
             "self_label_epochs": sl_epochs,
             "cluster_size_min": int(sizes.min()),
             "cluster_size_max": int(sizes.max()),
-            "seconds": seconds,
+            "seconds": clock.laps,
         }
+
+    def _neighbors(self, feats: np.ndarray) -> torch.Tensor:
+        found = nearest_neighbors(feats, int(self.n_neighbors), self.random_state)
+        return torch.from_numpy(found).to(self.device_)
+
+    @torch.no_grad()
+    def _features(self, Z: torch.Tensor, net: _Net) -> np.ndarray:
+        """Eval-mode unit projections of Z (rows already in the input space), float32."""
+        was = net.training
+        net.eval()
+        try:
+            out = [
+                net.features(Z[s : s + INFERENCE_BATCH]).cpu().numpy()
+                for s in range(0, Z.shape[0], INFERENCE_BATCH)
+            ]
+        finally:
+            net.train(was)
+        return np.concatenate(out)
+
+    def _contrast_epoch(
+        self,
+        net: _Net,
+        opt: torch.optim.Optimizer,
+        Z: torch.Tensor,
+        neighbors: torch.Tensor,
+        gen: torch.Generator,
+    ) -> float:
+        """One epoch of InfoNCE on the projection: an item and a random neighbour are
+        the positive pair, the other items of the batch the negatives."""
+        net.train()
+        total, count = 0.0, 0
+        with _step_threads(self.device_):
+            for step, idx in enumerate(self._batches(Z.shape[0], gen)):
+                idx = idx.to(self.device_)
+                nb = self._neighbor_of(idx, neighbors, gen)
+                f = net.features(torch.cat([Z[idx], Z[nb]]))
+                fa, fb = f[: idx.numel()], f[idx.numel() :]
+                sims = fa @ fb.T / self.contrast_temperature
+                target = torch.arange(idx.numel(), device=sims.device)
+                loss = 0.5 * (F.cross_entropy(sims, target) + F.cross_entropy(sims.T, target))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                count += 1
+                if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
+                    self._check_cancel()
+        return total / max(count, 1)
 
     def _self_label_epoch(
         self,
@@ -502,24 +586,26 @@ class NeighborClusterer(BaseClusterer):
         weight = weight / weight[counts > 0].mean()
         net.train()
         total, count = 0.0, 0
-        for step, idx in enumerate(self._batches(Z.shape[0], gen)):
-            idx = idx.to(self.device_)
-            idx = idx[target[idx] >= 0]
-            if idx.numel() < 2:
-                continue
-            src = idx
-            if self.neighbor_prob > 0:
-                use = (torch.rand(idx.numel(), generator=gen) < self.neighbor_prob).to(idx.device)
-                src = torch.where(use, self._neighbor_of(idx, neighbors, gen), idx)
-            logits = net.logits(net.features(Z[src]), 0)
-            loss = F.cross_entropy(logits, target[idx], weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            count += 1
-            if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
-                self._check_cancel()
+        with _step_threads(self.device_):
+            for step, idx in enumerate(self._batches(Z.shape[0], gen)):
+                idx = idx.to(self.device_)
+                idx = idx[target[idx] >= 0]
+                if idx.numel() < 2:
+                    continue
+                src = idx
+                if self.neighbor_prob > 0:
+                    use = torch.rand(idx.numel(), generator=gen) < self.neighbor_prob
+                    use = use.to(idx.device)
+                    src = torch.where(use, self._neighbor_of(idx, neighbors, gen), idx)
+                logits = net.logits(net.features(Z[src]), 0)
+                loss = F.cross_entropy(logits, target[idx], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                count += 1
+                if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
+                    self._check_cancel()
         return total / max(count, 1), n_conf
 
     def _centers(self) -> np.ndarray:
@@ -565,9 +651,7 @@ class NeighborClusterer(BaseClusterer):
         labels = initial
         losses = []
         if epochs > 0:
-            neighbors = torch.from_numpy(
-                nearest_neighbors(Zn, int(self.n_neighbors), self.random_state)
-            ).to(self.device_)
+            neighbors = self._neighbors(self._features(Z, net))
             opt = self._optimizer(net)
             for epoch in range(1, epochs + 1):
                 loss = self._scan_epoch(
@@ -623,6 +707,19 @@ class NeighborClusterer(BaseClusterer):
         load_numpy_state(net, tensors, "net.")
         self.net_ = net.to(self.device_).eval()
         self.cluster_centers_ = self._centers()
+
+
+class _Clock:
+    """Seconds per stage: ``lap(name)`` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _column_mean(X: np.ndarray) -> np.ndarray:
