@@ -76,6 +76,8 @@ from clustering_service.algorithms.odc import clip_centroids
 TRAIN_SAMPLES = 300_000
 #: the same for the contrastive pre-training of the projection
 PRETRAIN_SAMPLES = 150_000
+#: and for learning the initial partitions
+DISTILL_SAMPLES = 50_000
 MIN_AUTO_EPOCHS = 2
 MAX_AUTO_EPOCHS = 100
 #: iterations between cancel checks inside an epoch
@@ -151,6 +153,11 @@ class NeighborClusterer(BaseClusterer):
     n_clusters, random_state, device, progress_callback, cancel_check : as in
         :class:`BaseClusterer`.
     n_neighbors : nearest neighbours mined per item (cosine, centred input).
+    pretrain_epochs : epochs of contrastive pre-training of the projection (an item
+        and a random neighbour are a positive pair, InfoNCE); None:
+        ``ceil(PRETRAIN_SAMPLES / N)`` clipped to [MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS];
+        0: none (neighbours and initial k-means then use the input space).
+    contrast_temperature : temperature of the InfoNCE logits.
     smooth_steps : neighbour-averaging rounds before the initial k-means (0: k-means
         on the centred, normalised input).
     hidden_dim, proj_dim : widths of the projection MLP.
@@ -160,7 +167,8 @@ class NeighborClusterer(BaseClusterer):
     entropy_weight : weight of the entropy of the mean prediction in the SCAN loss.
     epochs : SCAN epochs; None: ``ceil(TRAIN_SAMPLES / N)`` clipped to
         [MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS].
-    distill_epochs : epochs learning the initial partitions.
+    distill_epochs : epochs learning the initial partitions; None:
+        ``ceil(DISTILL_SAMPLES / N)`` clipped likewise.
     self_label_epochs : epochs of self-labelling (0: none).
     confidence : probability above which a prediction is a self-label.
     neighbor_prob : in self-labelling, probability that the input is a neighbour.
@@ -195,7 +203,7 @@ class NeighborClusterer(BaseClusterer):
         temperature: float = 0.1,
         entropy_weight: float = 1.0,
         epochs: int | None = None,
-        distill_epochs: int = 3,
+        distill_epochs: int | None = None,
         self_label_epochs: int = 10,
         confidence: float = 0.99,
         neighbor_prob: float = 0.0,
@@ -244,7 +252,6 @@ class NeighborClusterer(BaseClusterer):
             ("hidden_dim", 1),
             ("proj_dim", 1),
             ("n_heads", 1),
-            ("distill_epochs", 0),
             ("self_label_epochs", 0),
             ("batch_size", 2),
             ("kmeans_n_init", 1),
@@ -254,7 +261,7 @@ class NeighborClusterer(BaseClusterer):
                 raise ClusteringInputError(
                     f"{key} must be an integer >= {low}, got {getattr(self, key)!r}"
                 )
-        for key in ("epochs", "pretrain_epochs"):
+        for key in ("epochs", "pretrain_epochs", "distill_epochs"):
             value = getattr(self, key)
             if value is not None and not is_int(value, 0):
                 raise ClusteringInputError(f"{key} must be None or an integer >= 0, got {value!r}")
@@ -458,7 +465,8 @@ class NeighborClusterer(BaseClusterer):
         init_t = torch.from_numpy(np.stack(init, axis=1)).to(self.device_)  # (n, heads)
         clock.lap("kmeans_init")
 
-        for epoch in range(1, int(self.distill_epochs) + 1):
+        distill_epochs = self._auto_epochs(self.distill_epochs, DISTILL_SAMPLES, n)
+        for epoch in range(1, distill_epochs + 1):
             net.train()
             total = 0.0
             batches = self._batches(n, gen)
@@ -471,7 +479,7 @@ class NeighborClusterer(BaseClusterer):
                     loss.backward()
                     opt.step()
                     total += float(loss.detach())
-            self._report("distill", epoch, int(self.distill_epochs), total / len(batches))
+            self._report("distill", epoch, distill_epochs, total / len(batches))
         clock.lap("distill")
 
         epochs = self._auto_epochs(self.epochs, TRAIN_SAMPLES, n)
