@@ -76,8 +76,9 @@ from clustering_service.algorithms.odc import clip_centroids
 TRAIN_SAMPLES = 300_000
 #: the same for the contrastive pre-training of the projection
 PRETRAIN_SAMPLES = 150_000
-#: and for learning the initial partitions
+#: and for learning the initial partitions, and for self-labelling
 DISTILL_SAMPLES = 50_000
+SELF_LABEL_SAMPLES = 200_000
 MIN_AUTO_EPOCHS = 2
 MAX_AUTO_EPOCHS = 100
 #: iterations between cancel checks inside an epoch
@@ -169,7 +170,8 @@ class NeighborClusterer(BaseClusterer):
         [MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS].
     distill_epochs : epochs learning the initial partitions; None:
         ``ceil(DISTILL_SAMPLES / N)`` clipped likewise.
-    self_label_epochs : epochs of self-labelling (0: none).
+    self_label_epochs : epochs of self-labelling (0: none); None:
+        ``ceil(SELF_LABEL_SAMPLES / N)`` clipped likewise.
     confidence : probability above which a prediction is a self-label.
     neighbor_prob : in self-labelling, probability that the input is a neighbour.
     batch_size, lr, weight_decay : Adam settings.
@@ -204,7 +206,7 @@ class NeighborClusterer(BaseClusterer):
         entropy_weight: float = 1.0,
         epochs: int | None = None,
         distill_epochs: int | None = None,
-        self_label_epochs: int = 10,
+        self_label_epochs: int | None = None,
         confidence: float = 0.99,
         neighbor_prob: float = 0.0,
         batch_size: int = 256,
@@ -252,7 +254,6 @@ class NeighborClusterer(BaseClusterer):
             ("hidden_dim", 1),
             ("proj_dim", 1),
             ("n_heads", 1),
-            ("self_label_epochs", 0),
             ("batch_size", 2),
             ("kmeans_n_init", 1),
             ("update_epochs", 0),
@@ -261,7 +262,7 @@ class NeighborClusterer(BaseClusterer):
                 raise ClusteringInputError(
                     f"{key} must be an integer >= {low}, got {getattr(self, key)!r}"
                 )
-        for key in ("epochs", "pretrain_epochs", "distill_epochs"):
+        for key in ("epochs", "pretrain_epochs", "distill_epochs", "self_label_epochs"):
             value = getattr(self, key)
             if value is not None and not is_int(value, 0):
                 raise ClusteringInputError(f"{key} must be None or an integer >= 0, got {value!r}")
@@ -498,7 +499,7 @@ class NeighborClusterer(BaseClusterer):
         kept = self._build(1)
         kept.load_state_dict({**net.state_dict(), "prototypes": net.prototypes[best : best + 1]})
         net = kept
-        sl_epochs = int(self.self_label_epochs)
+        sl_epochs = self._auto_epochs(self.self_label_epochs, SELF_LABEL_SAMPLES, n)
         if sl_epochs:
             opt = self._optimizer(net)
         labels = self._probs(Z, net, 0).argmax(-1)
