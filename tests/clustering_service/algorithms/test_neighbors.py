@@ -120,10 +120,10 @@ def test_beats_kmeans_on_searchsnippets():
         n_clusters=8,
         random_state=0,
         device="cpu",
-        pretrain_epochs=4,
-        epochs=4,
+        pretrain_epochs=3,
+        epochs=3,
         self_label_epochs=2,
-        n_heads=2,
+        n_heads=1,
     ).fit(X)
     acc_kmeans = clustering_accuracy(y, kmeans.labels_)
     acc = clustering_accuracy(y, est.labels_)
