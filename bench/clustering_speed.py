@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python bench/clustering_speed.py                 # N = 10k, 100k, 1M at d = 384
     python bench/clustering_speed.py --quick         # skips 1M
     python bench/clustering_speed.py --algorithms kmeans odc --sizes 10000 100000 --json out.json
+    python bench/clustering_speed.py --default-fit 100000 --algorithms kmeans neighbors
 
 Data: a Gaussian mixture of ``k`` components on the unit sphere (like
 L2-normalised embeddings), d = 384, written in chunks to a float32 ``.npy``
@@ -32,6 +33,10 @@ Measured per (algorithm, N):
   cost per epoch is linear in N;
 * ``predict_rows_per_s``: ``predict`` over the N rows (target >= 200k/s at
   d = 384, k = 100).
+
+``--default-fit N`` instead fits every algorithm once with its DEFAULT
+parameters (k-means: 10 restarts of up to 300 iterations) at N rows and checks
+the frozen-embedding issue's target: ``neighbors`` fit time <= 10x k-means'.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ K = 100
 TARGET_RSS_RATIO = 3.0
 TARGET_PREDICT = 200_000
 TARGET_GROWTH = 1.5
+#: neighbors' default fit may take this many times k-means' default fit
+TARGET_FIT_RATIO = 10.0
 #: epochs per fit: fewer at 1M, but at least 2, so every training stage has an
 #: interval between two epochs to time (a stage planned as 1 step is set-up)
 EPOCHS = {10_000: 3, 100_000: 3, 1_000_000: 2}
@@ -71,6 +78,12 @@ SCHEDULE = {
     "dec": lambda e: {"pretrain_epochs": e, "cluster_epochs": e},
     "deepcluster": lambda e: {"epochs": e},
     "odc": lambda e: {"n_epochs": e},
+    "neighbors": lambda e: {
+        "pretrain_epochs": e,
+        "distill_epochs": e,
+        "epochs": e,
+        "self_label_epochs": e,
+    },
 }
 
 
@@ -82,7 +95,9 @@ def worker(algo: str, data: str, epochs: int, device: str) -> dict[str, Any]:
     """Fit one algorithm on the memmap at ``data``; runs in its own process."""
     X = np.load(data, mmap_mode="r")
     valid = set(get_class(algo)._param_names())
-    params = {k: v for k, v in SCHEDULE[algo](epochs).items() if k in valid}
+    # epochs < 0: the algorithm's default parameters (--default-fit)
+    schedule = SCHEDULE[algo](epochs) if epochs >= 0 else {}
+    params = {k: v for k, v in schedule.items() if k in valid}
     if algo != "kmeans":
         params["device"] = device
     events: list[tuple[float, str, int, int | None]] = []
@@ -171,6 +186,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--tmpdir", default=None, help="where the memmap files go")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--default-fit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fit each algorithm once with default parameters at N rows; fit-time target",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
@@ -179,7 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.epochs, args.device)))
         return {}
-    sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    if args.default_fit:
+        sizes = [args.default_fit]
+    else:
+        sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     algos = ["kmeans", *[a for a in args.algorithms if a != "kmeans"]]  # the reference first
     results: dict[str, Any] = {
         "command": " ".join(["bench/clustering_speed.py", *(argv or sys.argv[1:])]),
@@ -207,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[data] N={n} generated in {time.perf_counter() - start:.1f} s", flush=True)
             data_mb = n * D * 4 / 2**20
             for algo in algos:
-                r = run_one(algo, path, _epochs_for(n), args.device, args.timeout)
+                epochs = -1 if args.default_fit else _epochs_for(n)
+                r = run_one(algo, path, epochs, args.device, args.timeout)
                 r["n"], r["data_mb"] = n, data_mb
                 if "error" not in r:
                     r["rss_over_data"] = r["peak_rss_mb"] / data_mb
@@ -221,13 +247,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save()
             path.unlink()
     results["machine"]["load_avg_end"] = os.getloadavg()
-    results["targets"] = check_targets(results, sizes)
+    if args.default_fit:
+        results["targets"] = check_fit_ratio(results, args.default_fit)
+    else:
+        results["targets"] = check_targets(results, sizes)
     save()
     print_table(results, sizes)
     print("\n== targets")
     for line in results["targets"]:
         print(line)
     return results
+
+
+def check_fit_ratio(results: dict[str, Any], n: int) -> list[str]:
+    """Default-parameter fit time of each algorithm over k-means' at N = n."""
+    base = results["runs"].get("kmeans", {}).get(str(n), {}).get("fit_s")
+    lines = []
+    for algo, by_n in results["runs"].items():
+        r = by_n.get(str(n), {})
+        if algo == "kmeans" or base is None or "fit_s" not in r:
+            continue
+        ratio = r["fit_s"] / base
+        r["fit_ratio_vs_kmeans"] = ratio
+        if algo == "neighbors":
+            ok = ratio <= TARGET_FIT_RATIO
+            lines.append(
+                f"{'PASS' if ok else 'FAIL'} neighbors default fit at N={n}: {r['fit_s']:.1f} s "
+                f"= {ratio:.1f}x k-means' {base:.1f} s (<= {TARGET_FIT_RATIO:.0f}x)"
+            )
+        else:
+            lines.append(f"INFO {algo} default fit at N={n}: {ratio:.1f}x k-means")
+    return lines
 
 
 def check_targets(results: dict[str, Any], sizes: list[int]) -> list[str]:

@@ -9,6 +9,10 @@
   image, by contrast, leaves k-means near chance: NMI 0.1).
 * :func:`sphere_mixture_memmap` -- a Gaussian mixture on the unit sphere
   written in chunks to a float32 memmap (for the speed benchmark at 1M x 384).
+* :func:`frozen_text` -- real frozen embeddings: all-MiniLM-L6-v2 vectors (384-d,
+  L2-normalised) of the StackOverflow (20000 titles, 20 tags) and SearchSnippets
+  (12340 snippets, 8 domains) short-text benchmarks, from ``../shared/data``
+  beside the repository (see its README).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import numpy as np
 
 _SIDE = 8
 _SHIFT_PROB = 0.3
+#: where the real embedding sets live: ``shared/data`` beside the repository
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FROZEN_TEXT_SETS = ("stackoverflow", "searchsnippets")
 
 
 def digits(scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -95,3 +102,19 @@ def sphere_mixture_memmap(
     out.flush()
     del out
     return np.load(str(path), mmap_mode="r"), labels.astype(np.int64)
+
+
+def frozen_text(name: str, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Real all-MiniLM-L6-v2 embeddings: ``(X float32 (n, 384), y int64 (n,))``.
+
+    ``name`` is ``"stackoverflow"`` or ``"searchsnippets"``; the file is
+    ``<data_dir>/<name>_minilm.npz`` (default :data:`SHARED_DATA`). Raises
+    FileNotFoundError naming the path when it is missing.
+    """
+    if name not in FROZEN_TEXT_SETS:
+        raise ValueError(f"unknown embedding set {name!r}; choose one of {FROZEN_TEXT_SETS}")
+    path = Path(data_dir or SHARED_DATA) / f"{name}_minilm.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the shared data sets live in ../shared/data)")
+    with np.load(path) as data:
+        return data["X"].astype(np.float32), data["y"].astype(np.int64)

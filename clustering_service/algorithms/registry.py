@@ -15,6 +15,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "dec": ("clustering_service.algorithms.dec", "DEC"),
     "deepcluster": ("clustering_service.algorithms.deepcluster", "DeepCluster"),
     "odc": ("clustering_service.algorithms.odc", "ODC"),
+    "neighbors": ("clustering_service.algorithms.neighbors", "NeighborClusterer"),
 }
 
 #: Names accepted by :func:`create`.

@@ -20,6 +20,16 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
     "dec": {"hidden_dims": [32, 32], "latent_dim": 5, "pretrain_epochs": 3, "cluster_epochs": 2},
     "deepcluster": {"epochs": 2, "trunk_dim": 16, "hidden_dim": 32, "pca_dim": None},
     "odc": {"hidden_dim": 32, "feature_dim": 16, "n_epochs": 2, "warmup_epochs": 0},
+    "neighbors": {
+        "n_neighbors": 5,
+        "hidden_dim": 32,
+        "proj_dim": 16,
+        "n_heads": 2,
+        "pretrain_epochs": 2,
+        "epochs": 2,
+        "distill_epochs": 2,
+        "self_label_epochs": 2,
+    },
 }
 
 

@@ -62,6 +62,17 @@ FAST: dict[str, dict[str, Any]] = {
         "update_epochs": 1,
         "min_cluster": 2,
     },
+    "neighbors": {
+        "n_neighbors": 5,
+        "hidden_dim": 32,
+        "proj_dim": 16,
+        "n_heads": 2,
+        "epochs": 1,
+        "distill_epochs": 1,
+        "self_label_epochs": 1,
+        "kmeans_n_init": 2,
+        "update_epochs": 1,
+    },
 }
 
 
@@ -108,7 +119,7 @@ def copy_of(saved, tmp_path):
 
 # -- creation ---------------------------------------------------------------
 def test_every_algorithm_is_registered():
-    assert set(ALGORITHMS) == {"kmeans", "dec", "deepcluster", "odc"}
+    assert set(ALGORITHMS) == {"kmeans", "dec", "deepcluster", "odc", "neighbors"}
 
 
 def test_unknown_algorithm():

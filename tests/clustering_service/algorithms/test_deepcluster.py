@@ -17,7 +17,8 @@ from clustering_service.algorithms import (
     create,
     load,
 )
-from clustering_service.algorithms.deepcluster import DeepCluster, _knn
+from clustering_service.algorithms.deepcluster import DeepCluster
+from clustering_service.algorithms.knn import nearest_neighbors as _knn
 from clustering_service.algorithms.matching import match_labels
 from clustering_service.algorithms.metrics import clustering_accuracy
 
@@ -198,15 +199,15 @@ def test_knn_excludes_self():
 def test_approximate_knn_path(monkeypatch):
     """The cell-restricted search used for large n finds the true neighbours on
     clustered data and never returns the row itself."""
-    import clustering_service.algorithms.deepcluster as dc
+    import clustering_service.algorithms.knn as knn_module
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, 16))
     f = (centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 16))).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     exact = _knn(f, 5, 0)
-    monkeypatch.setattr(dc, "_EXACT_KNN_MAX_ROWS", 100)
-    monkeypatch.setattr(dc, "_KNN_CELL", 256)
+    monkeypatch.setattr(knn_module, "EXACT_MAX_ROWS", 100)
+    monkeypatch.setattr(knn_module, "CELL_ROWS", 256)
     approx = _knn(f, 5, 0)
     assert approx.shape == (3000, 5)
     assert not (approx == np.arange(3000)[:, None]).any()
