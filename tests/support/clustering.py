@@ -25,10 +25,10 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
         "hidden_dim": 32,
         "proj_dim": 16,
         "n_heads": 2,
-        "pretrain_epochs": 2,
-        "epochs": 2,
-        "distill_epochs": 2,
-        "self_label_epochs": 2,
+        "pretrain_epochs": 10,
+        "epochs": 10,
+        "distill_epochs": 10,
+        "self_label_epochs": 5,
     },
 }
 
