@@ -120,30 +120,44 @@ def test_dockerfile_build_arguments(dockerfile: str, base: str, torch_index: str
     text = (ROOT / dockerfile).read_text()
     default_base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
     assert default_base and default_base.group(1).startswith(base), dockerfile
-    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"] * 2
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "deps", "${BASE_IMAGE}"]
     index = re.search(r"^ARG TORCH_INDEX_URL=(\S*)$", text, re.M)
     assert index and index.group(1) == torch_index, dockerfile
     assert 'PIP_INDEX_URL="$TORCH_INDEX_URL"' in text
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_dockerfile_installs_pinned_torch_then_the_lock_then_the_package(dockerfile: str) -> None:
-    build, runtime = _stages(dockerfile)
-    torch_at = build.find(f"pip install --no-cache-dir {_torch_pin()}")
-    lock_at = build.find("pip install --no-cache-dir -r /tmp/requirements.txt")
-    package_at = build.find("pip install --no-cache-dir --no-deps --no-build-isolation .")
-    assert -1 < torch_at < lock_at < package_at, "torch, then the lock, then the package"
-    assert "COPY docker/requirements.txt /tmp/requirements.txt" in build
-    assert "pip check" in build
-    assert "pip install" not in runtime, "the runtime stage installs nothing with pip"
+def test_dockerfile_stages(dockerfile: str) -> None:
+    """deps: torch (pinned) then docker/requirements.txt; build: the package's wheel;
+    runtime: a fresh base with the deps' environment and that wheel (no deps)."""
+    text = (ROOT / dockerfile).read_text()
+    assert re.findall(r"^FROM (.+)$", text, re.M) == [
+        "${BASE_IMAGE} AS deps",
+        "deps AS build",
+        "${BASE_IMAGE}",
+    ]
+    deps, build, runtime = _stages(dockerfile)
+    torch_at = deps.find(f"pip install --no-cache-dir {_torch_pin()}")
+    lock_at = deps.find("pip install --no-cache-dir -r /tmp/requirements.txt")
+    assert -1 < torch_at < lock_at, "torch first, then the lock"
+    assert "COPY docker/requirements.txt /tmp/requirements.txt" in deps
+    assert "pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /tmp/dist ." in (
+        build
+    )
+    assert "COPY --from=deps /opt/venv /opt/venv" in runtime
+    assert "COPY --from=build /tmp/dist /tmp/dist" in runtime
+    installs = re.findall(r"pip install [^\n]*", runtime)
+    assert installs == [
+        "pip install --no-cache-dir --disable-pip-version-check --no-deps /tmp/dist/*.whl \\"
+    ], "the runtime stage installs the package alone"
+    assert "pip check" in runtime
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_dockerfile_runtime_stage(dockerfile: str) -> None:
-    """The final stage: the build's environment copied in, no compilers, a non-root
-    user, a health check on /ready, the entry point, and the service's command."""
-    _, runtime = _stages(dockerfile)
-    assert "COPY --from=build /opt/venv /opt/venv" in runtime
+    """The final stage: no compilers, a non-root user, a health check on /ready,
+    the entry point, and the service's command."""
+    runtime = _stages(dockerfile)[-1]
     assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|-dev\b", runtime), runtime
     user = re.search(r"^USER (\S+)$", runtime, re.M)
     assert user and user.group(1).split(":")[0] not in ("0", "root"), "must not run as root"
