@@ -149,7 +149,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     compose = compose_command()
     if compose is None:
         _unavailable("neither docker-compose nor `docker compose` is installed")
@@ -173,6 +173,8 @@ def stack() -> Iterator[Stack]:
             DINOCLUSTER_BIND="127.0.0.1",
             EMBEDDING_PORT=str(embedding_port),
             CLUSTERING_PORT=str(clustering_port),
+            # not ./models: Docker would create it in the checkout
+            EMBEDDING_MODELS_DIR=str(tmp_path_factory.mktemp("models")),
             # small and quick: the test machines have two cores
             EMBEDDING_NUM_THREADS="1",
             EMBEDDING_BATCH_SIZE="4",
@@ -330,3 +332,57 @@ def test_clustering_data_survive_a_restart(stack: Stack) -> None:
     assert "left by a container that was killed" not in logs, logs[-4000:]
     model = httpx.get(f"{stack.clustering_url}/v1/models/demo", timeout=30)
     assert model.status_code == 200, model.text
+
+
+def test_embedding_serves_a_mounted_local_model_offline(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The README's offline recipe: save_pretrained weights in a host directory,
+    mounted at /models, EMBEDDING_MODEL=/models/<dir>, HF_HUB_OFFLINE=1, and no
+    network at all (--network none): the image serves them as its non-root user."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    models = tmp_path_factory.mktemp("offline-models")
+    models.chmod(0o755)  # readable by the container's user (uid 10001)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(models / "tiny-dinov2")
+    for path in models.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+    name = f"{stack.project}-offline"
+    subprocess.run(
+        ["docker", "run", "-d", "--name", name, "--network", "none",
+         "-v", f"{models}:/models:ro",
+         "-e", "EMBEDDING_MODEL=/models/tiny-dinov2", "-e", "HF_HUB_OFFLINE=1",
+         "-e", "EMBEDDING_NUM_THREADS=1", IMAGE],
+        check=True, capture_output=True, env=stack.env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + HEALTHY_TIMEOUT
+        while True:
+            inspect = subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.Status}} {{.State.Health.Status}}", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+            assert inspect[0] == "running", logs.stdout + logs.stderr
+            if inspect[1] == "healthy":
+                break
+            assert time.monotonic() < deadline, logs.stdout + logs.stderr
+            time.sleep(1)
+        info = subprocess.run(
+            ["docker", "exec", name, "python", "-c",
+             "import urllib.request; print(urllib.request.urlopen("
+             "'http://127.0.0.1:8001/info', timeout=5).read().decode())"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert '"random_weights":false' in info.replace(" ", ""), info
+        assert '"dim":32' in info.replace(" ", ""), info
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
