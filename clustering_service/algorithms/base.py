@@ -8,7 +8,11 @@ check, and pickle-free persistence (``weights.safetensors`` + ``config.json``).
 Subclasses implement:
 
 * ``_fit(X)`` -- train on validated float32 data with ``self.n_clusters_`` set;
-  must set ``labels_``.
+  must set ``labels_``. It may also set ``labels_proba_`` (float32 (n,)) when its
+  last pass over X computed ``predict_proba(X)`` with the final parameters: then
+  ``labels_`` and ``labels_proba_`` are that pass's argmax and max, and callers
+  need not run ``predict_proba`` over the training data again (fit and update
+  reset it to None first).
 * ``_update(X, max_epochs, max_centroid_shift, **params)`` -- warm-started
   incremental training; must set ``labels_`` and keep cluster ids.
 * ``predict_proba(X)`` (via ``_predict_proba``).
@@ -230,6 +234,7 @@ class BaseClusterer:
             )
         self.n_features_in_ = int(X.shape[1])
         self.device_ = resolve_device(self.device)
+        self.labels_proba_: np.ndarray | None = None
         self._fit(X)
         return self
 
@@ -276,6 +281,7 @@ class BaseClusterer:
                 f"max_centroid_shift must be >= 0, got {max_centroid_shift!r}"
             )
         self.device_ = resolve_device(self.device)
+        self.labels_proba_ = None
         self._update(X, max_epochs=max_epochs, max_centroid_shift=max_centroid_shift, **params)
         return self
 

@@ -551,6 +551,9 @@ class DEC(BaseClusterer):
             q = p = None
         self.cluster_centers_ = centers.detach().cpu().numpy().astype(np.float32)
         self.labels_ = labels.astype(np.int64)
+        # q is predict_proba(X) with the final parameters (the loop leaves right after
+        # computing it): its max spares the caller another pass over X
+        self.labels_proba_ = q.max(axis=1)
         return {
             "epochs": it / steps_per_epoch,
             "iterations": it,

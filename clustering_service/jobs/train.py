@@ -84,8 +84,12 @@ class Assignments:
 
 def assign(est: BaseClusterer, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(cluster int32 (n,), probability float32 (n,))``: argmax of predict_proba, so an
-    item's stored assignment is what predict answers for its vector."""
+    item's stored assignment is what predict answers for its vector. Taken from the
+    estimator's own last pass over X when it kept one (``labels_proba_``)."""
     n = X.shape[0]
+    known = getattr(est, "labels_proba_", None)
+    if known is not None and len(known) == n:
+        return est.labels_.astype(np.int32), known.astype(np.float32, copy=False)
     cluster = np.empty(n, dtype=np.int32)
     probability = np.empty(n, dtype=np.float32)
     for start in range(0, n, _ASSIGN_ROWS):

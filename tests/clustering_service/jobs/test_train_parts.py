@@ -49,6 +49,26 @@ def test_assignments_round_trip_and_agree_with_predict(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.probability, probability)
 
 
+def test_dec_assignments_from_its_last_pass_are_what_predict_answers() -> None:
+    """DEC keeps its last pass over the training data (labels_proba_); the job's
+    assignments taken from it equal a fresh predict_proba over the same rows, after a
+    fit and after an update (which may stop on tol or on its epoch budget)."""
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((400, 8)) + 4 * rng.integers(0, 3, (400, 1))).astype(np.float32)
+    est = create(
+        "dec", n_clusters=3, pretrain_epochs=2, cluster_epochs=2, hidden_dims=[16], latent_dim=4
+    ).fit(X)
+    grown = np.concatenate([X, X[:50] + 0.1])
+    for step, data in (("fit", X), ("update", grown)):
+        if step == "update":
+            est.update(data, max_epochs=1)
+        assert est.labels_proba_ is not None, step
+        cluster, probability = assign(est, data)
+        proba = est.predict_proba(data)
+        np.testing.assert_array_equal(cluster, proba.argmax(axis=1), err_msg=step)
+        np.testing.assert_allclose(probability, proba.max(axis=1), rtol=1e-6, err_msg=step)
+
+
 def test_stability_counts_shared_items_only() -> None:
     old = Assignments(["a", "b", "c", "d"], np.array([0, 0, 1, 2]), np.ones(4, np.float32))
     report = stability(
