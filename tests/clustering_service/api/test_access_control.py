@@ -43,6 +43,10 @@ from tests.support.clustering import Clustering
 from tests.support.fixtures import ClusteringFactory
 from tests.support.processes import ServiceProcess
 
+# A keyed embedding service and clustering service of its own (about a minute to start
+# on 2 cores), beyond the session-wide ones.
+pytestmark = pytest.mark.slow
+
 EMBEDDING_KEY = "emb-" + secrets.token_urlsafe(24)
 CLUSTERING_KEY = "clu-" + secrets.token_urlsafe(24)
 MODEL = "acl-model"
