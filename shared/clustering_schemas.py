@@ -2,8 +2,9 @@
 
 The service validates requests with these models and the client builds and
 reads them. Names that may end up near a path or a URL (datasets, models,
-aliases) are restricted to ``[A-Za-z0-9._-]`` starting with a letter or digit;
-item ids may be any printable text up to 512 characters.
+aliases) are restricted to ``[A-Za-z0-9._-]`` starting with a letter or digit,
+and so are the ids the service hands out (datasets, jobs); item ids may be any
+printable text up to 512 characters (they are data, never part of a file name).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ITEM_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,512}$"
+#: dataset and job ids as the service makes them (``ds_<hex>``, ``job_<hex>``)
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 Name = Annotated[
     str,
@@ -25,6 +28,9 @@ Name = Annotated[
     ),
 ]
 ItemId = Annotated[str, Field(pattern=ITEM_ID_PATTERN, description="1-512 printable characters.")]
+ResourceId = Annotated[
+    str, Field(pattern=ID_PATTERN, description="A dataset id as the service returned it.")
+]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -154,7 +160,7 @@ class AlgorithmList(BaseModel):
 
 class TrainJobCreate(_Request):
     type: Literal["train"]
-    dataset_id: str
+    dataset_id: ResourceId
     algorithm: str
     model_name: Name
     n_clusters: int | None = Field(
@@ -168,7 +174,9 @@ class UpdateJobCreate(_Request):
     type: Literal["update"]
     model_name: Name
     from_version: int | None = Field(None, ge=1, description="Default: the latest version.")
-    dataset_id: str | None = Field(None, description="Default: the parent version's dataset.")
+    dataset_id: ResourceId | None = Field(
+        None, description="Default: the parent version's dataset."
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -178,7 +186,7 @@ JobCreate = Annotated[TrainJobCreate | UpdateJobCreate, Field(discriminator="typ
 class ModelUpdateCreate(_Request):
     """``POST /v1/models/{name}/update``: an update job on this model."""
 
-    dataset_id: str | None = None
+    dataset_id: ResourceId | None = None
     from_version: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Engine
 
 from clustering_service.runtime import ClusteringRuntime
+from shared.clustering_schemas import ID_PATTERN, ITEM_ID_PATTERN, NAME_PATTERN
 from shared.server import check_bearer, invalid_request
 
 M = TypeVar("M", bound=BaseModel)
+
+# Path parameters are checked like the same names in bodies: a 422 naming the field
+# for '../', '/', NUL or control characters, look-alike letters or a name too long,
+# before anything reaches the database (PostgreSQL refuses NUL with an error that
+# was a 500) or a file name.
+NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="A model name or alias.")]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="A dataset or job id.")]
+ItemIdPath = Annotated[str, Path(pattern=ITEM_ID_PATTERN, description="An item id.")]
 
 
 def get_runtime(request: Request) -> ClusteringRuntime:

@@ -8,7 +8,14 @@ import time
 import pybase64
 from fastapi import APIRouter, Depends, Request, Response
 
-from clustering_service.api.deps import EngineDep, RuntimeDep, parse_body, require_api_key
+from clustering_service.api.deps import (
+    EngineDep,
+    IdPath,
+    ItemIdPath,
+    RuntimeDep,
+    parse_body,
+    require_api_key,
+)
 from clustering_service.api.errors_doc import errors
 from clustering_service.db import datasets as datasets_db
 from clustering_service.ingest import ingest
@@ -44,7 +51,7 @@ def list_datasets(engine: EngineDep) -> dict:
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses=errors(401, 404))
-def get_dataset(dataset_id: str, engine: EngineDep) -> dict:
+def get_dataset(dataset_id: IdPath, engine: EngineDep) -> dict:
     return datasets_db.get(engine, dataset_id)
 
 
@@ -59,7 +66,7 @@ def get_dataset(dataset_id: str, engine: EngineDep) -> dict:
         }
     },
 )
-async def add_items(dataset_id: str, request: Request, runtime: RuntimeDep) -> ItemsAdded:
+async def add_items(dataset_id: IdPath, request: Request, runtime: RuntimeDep) -> ItemsAdded:
     """Add items (images are embedded by the embedding service; vectors as JSON numbers
     or base64 float32). Ids already stored are skipped; all or nothing is stored."""
     started = time.perf_counter()
@@ -79,7 +86,7 @@ async def add_items(dataset_id: str, request: Request, runtime: RuntimeDep) -> I
 @router.post(
     "/{dataset_id}/items/lookup", response_model=ItemsFound, responses=errors(401, 404, 422)
 )
-def lookup_items(dataset_id: str, body: ItemsLookup, engine: EngineDep) -> ItemsFound:
+def lookup_items(dataset_id: IdPath, body: ItemsLookup, engine: EngineDep) -> ItemsFound:
     """Which of the ids the dataset holds (clients resuming an upload skip those)."""
     datasets_db.get(engine, dataset_id)
     stored = datasets_db.existing_ids(engine, dataset_id, body.ids)
@@ -90,7 +97,7 @@ def lookup_items(dataset_id: str, body: ItemsLookup, engine: EngineDep) -> Items
 
 
 @router.delete("/{dataset_id}/items", response_model=ItemsDeleted, responses=errors(401, 404, 422))
-def remove_items(dataset_id: str, body: ItemsDelete, engine: EngineDep) -> ItemsDeleted:
+def remove_items(dataset_id: IdPath, body: ItemsDelete, engine: EngineDep) -> ItemsDeleted:
     """Delete items by id (ids not stored are counted as ``missing``)."""
     ids = list(dict.fromkeys(body.ids))
     deleted, count = delete_items(engine, dataset_id, ids)
@@ -101,7 +108,7 @@ def remove_items(dataset_id: str, body: ItemsDelete, engine: EngineDep) -> Items
     "/{dataset_id}/thumbnails/lookup", response_model=Thumbnails, responses=errors(401, 404, 422)
 )
 async def lookup_thumbnails(
-    dataset_id: str, body: ThumbnailsLookup, engine: EngineDep
+    dataset_id: IdPath, body: ThumbnailsLookup, engine: EngineDep
 ) -> Thumbnails:
     """Thumbnails of up to 500 items in one call, as data URIs (null for an item without
     one): what a page needs to show many images, with the API key in a header."""
@@ -127,13 +134,13 @@ async def lookup_thumbnails(
     response_class=Response,
     responses={200: {"content": {"image/webp": {}}}, **errors(401, 404)},
 )
-async def get_thumbnail(dataset_id: str, item_id: str, engine: EngineDep) -> Response:
+async def get_thumbnail(dataset_id: IdPath, item_id: ItemIdPath, engine: EngineDep) -> Response:
     """The item's WebP thumbnail (items added as images only)."""
     data = await asyncio.to_thread(datasets_db.thumbnail, engine, dataset_id, item_id)
     return Response(data, media_type="image/webp", headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/{dataset_id}/items/{item_id:path}", responses=errors(401, 404))
-def get_item(dataset_id: str, item_id: str, engine: EngineDep) -> dict:
+def get_item(dataset_id: IdPath, item_id: ItemIdPath, engine: EngineDep) -> dict:
     """One item: id, label, meta, whether it has a thumbnail."""
     return datasets_db.get_item(engine, dataset_id, item_id)

@@ -11,12 +11,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter
 
-from clustering_service.api.deps import EngineDep, RuntimeDep, parse_body, require_api_key
+from clustering_service.api.deps import EngineDep, IdPath, RuntimeDep, parse_body, require_api_key
 from clustering_service.api.errors_doc import errors
 from clustering_service.db import jobs as jobs_db
 from clustering_service.jobs.submit import submit
 from clustering_service.runtime import ClusteringRuntime
 from shared.clustering_schemas import (
+    ID_PATTERN,
+    NAME_PATTERN,
     TERMINAL_STATES,
     Job,
     JobCreate,
@@ -91,8 +93,8 @@ async def create_job(
 def list_jobs(
     engine: EngineDep,
     state: JobState | None = None,
-    model_name: str | None = None,
-    dataset_id: str | None = None,
+    model_name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    dataset_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     """Newest first, filtered by state, model and dataset."""
@@ -101,14 +103,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses=errors(401, 404))
-def get_job(job_id: str, engine: EngineDep) -> dict:
+def get_job(job_id: IdPath, engine: EngineDep) -> dict:
     return jobs_db.public(jobs_db.get(engine, job_id))
 
 
 @router.post(
     "/{job_id}/cancel", status_code=202, response_model=Job, responses=errors(401, 404, 409)
 )
-def cancel_job(job_id: str, runtime: RuntimeDep) -> dict:
+def cancel_job(job_id: IdPath, runtime: RuntimeDep) -> dict:
     """A queued job is cancelled at once; a running one stops at its next progress report
     (``cancel_requested`` is true until then). 409 for a job that has ended."""
     return jobs_db.public(jobs_db.request_cancel(runtime.engine, job_id, runtime.require_cancel()))
@@ -119,7 +121,7 @@ def cancel_job(job_id: str, runtime: RuntimeDep) -> dict:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **errors(401, 404)},
 )
-async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> Response:
+async def job_events(job_id: IdPath, request: Request, runtime: RuntimeDep) -> Response:
     """Server-sent events: ``event: job`` with the job object now and at every change of
     state or progress; the stream ends after the final state."""
     first = await asyncio.to_thread(jobs_db.get, runtime.engine, job_id)  # 404 before streaming

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from clustering_service.api.deps import EngineDep, RuntimeDep, parse_body, require_api_key
+from clustering_service.api.deps import (
+    EngineDep,
+    NamePath,
+    RuntimeDep,
+    parse_body,
+    require_api_key,
+)
 from clustering_service.api.errors_doc import errors
 from clustering_service.api.routes.jobs import IdempotencyKey, job_response
 from clustering_service.db import models as models_db
-from clustering_service.errors import InvalidRequest
 from clustering_service.jobs.submit import submit
 from clustering_service.predict import assignments_page, predict
 from shared.clustering_schemas import (
@@ -47,30 +51,26 @@ def list_models(engine: EngineDep) -> dict:
 
 
 @router.get("/{name}", response_model=ModelDetail, responses=errors(401, 404))
-def get_model(name: str, engine: EngineDep) -> dict:
+def get_model(name: NamePath, engine: EngineDep) -> dict:
     """Versions, aliases and the history of alias moves."""
     return models_db.get_model(engine, name)
 
 
 @router.get("/{name}/versions/{version}", response_model=Version, responses=errors(401, 404))
-def get_version(name: str, version: int, engine: EngineDep) -> dict:
+def get_version(name: NamePath, version: int, engine: EngineDep) -> dict:
     return models_db.public_version(models_db.resolve(engine, name, version))
 
 
 @router.put("/{name}/aliases/{alias}", response_model=Alias, responses=errors(401, 404, 422))
-def set_alias(name: str, alias: str, body: AliasSet, engine: EngineDep) -> dict:
+def set_alias(name: NamePath, alias: NamePath, body: AliasSet, engine: EngineDep) -> dict:
     """Point ``alias`` (e.g. ``production``) at a version; the move is recorded."""
-    if not re.match(NAME_PATTERN, alias):
-        raise InvalidRequest(
-            f"alias: {alias!r} is not a valid name ({NAME_PATTERN})", field="alias"
-        )
     return models_db.set_alias(engine, name, alias, body.version)
 
 
 @router.get(
     "/{name}/versions/{version}/clusters", response_model=Clusters, responses=errors(401, 404)
 )
-def get_clusters(name: str, version: int, engine: EngineDep) -> dict:
+def get_clusters(name: NamePath, version: int, engine: EngineDep) -> dict:
     """Size and exemplar item ids (closest to the cluster's mean) of every cluster."""
     row = models_db.resolve(engine, name, version)
     return {"model_name": name, "version": row.version, "clusters": row.clusters}
@@ -82,7 +82,7 @@ def get_clusters(name: str, version: int, engine: EngineDep) -> dict:
     responses=errors(401, 404, 422),
 )
 def get_assignments(
-    name: str,
+    name: NamePath,
     version: int,
     runtime: RuntimeDep,
     cluster: Annotated[int | None, Query(ge=0)] = None,
@@ -101,7 +101,7 @@ def get_assignments(
     responses=errors(401, 404, 409, 422),
 )
 def update_model(
-    name: str,
+    name: NamePath,
     body: Annotated[ModelUpdateCreate, Body()],
     runtime: RuntimeDep,
     idempotency_key: IdempotencyKey = None,
@@ -124,7 +124,7 @@ def update_model(
     },
 )
 async def predict_route(
-    name: str,
+    name: NamePath,
     request: Request,
     runtime: RuntimeDep,
     version: VersionQuery = None,

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from clustering_service import views
-from clustering_service.api.deps import RuntimeDep, require_api_key
+from clustering_service.api.deps import NamePath, RuntimeDep, require_api_key
 from clustering_service.api.errors_doc import errors
 from shared.clustering_schemas import Projection, Transitions
 
@@ -22,7 +22,7 @@ router = APIRouter(
 
 @router.get("/projection", response_model=Projection, responses=errors(401, 404, 422))
 async def get_projection(
-    name: str,
+    name: NamePath,
     version: int,
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=20_000)] = 2000,
@@ -35,7 +35,7 @@ async def get_projection(
 
 @router.get("/transitions", response_model=Transitions, responses=errors(401, 404, 422))
 async def get_transitions(
-    name: str,
+    name: NamePath,
     version: int,
     runtime: RuntimeDep,
     from_version: Annotated[
