@@ -25,6 +25,10 @@ Name = Annotated[
     ),
 ]
 ItemId = Annotated[str, Field(pattern=ITEM_ID_PATTERN, description="1-512 printable characters.")]
+# PostgreSQL text cannot hold NUL: free text the service stores or looks up is refused
+# with one (422 naming the field) instead of failing in the database.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+DatasetId = Annotated[str, Field(pattern=NO_NUL_PATTERN)]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -69,7 +73,10 @@ class ItemIn(_Request):
         "bytes (as the embedding service's encoding=base64).",
     )
     label: str | None = Field(
-        None, max_length=512, description="Known class, for evaluation metrics only."
+        None,
+        max_length=512,
+        pattern=NO_NUL_PATTERN,
+        description="Known class, for evaluation metrics only.",
     )
     meta: dict[str, Any] | None = Field(None, description="Any JSON object, kept as is.")
 
@@ -89,6 +96,16 @@ class ItemsAdded(BaseModel):
     duplicates: int = Field(description="Items whose id was already stored (left unchanged).")
     count: int = Field(description="Items in the dataset now.")
     dim: int
+
+
+class Item(BaseModel):
+    """``GET /v1/datasets/{dataset_id}/items/{item_id}``."""
+
+    item_id: str
+    label: str | None
+    meta: dict[str, Any] | None
+    created_at: datetime
+    has_thumbnail: bool = Field(description="Items added as images have one.")
 
 
 class ItemsDelete(_Request):
@@ -154,7 +171,7 @@ class AlgorithmList(BaseModel):
 
 class TrainJobCreate(_Request):
     type: Literal["train"]
-    dataset_id: str
+    dataset_id: DatasetId
     algorithm: str
     model_name: Name
     n_clusters: int | None = Field(
@@ -168,7 +185,7 @@ class UpdateJobCreate(_Request):
     type: Literal["update"]
     model_name: Name
     from_version: int | None = Field(None, ge=1, description="Default: the latest version.")
-    dataset_id: str | None = Field(None, description="Default: the parent version's dataset.")
+    dataset_id: DatasetId | None = Field(None, description="Default: the parent version's dataset.")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -178,7 +195,7 @@ JobCreate = Annotated[TrainJobCreate | UpdateJobCreate, Field(discriminator="typ
 class ModelUpdateCreate(_Request):
     """``POST /v1/models/{name}/update``: an update job on this model."""
 
-    dataset_id: str | None = None
+    dataset_id: DatasetId | None = None
     from_version: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -8,10 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from clustering_service.api.deps import EngineDep, RuntimeDep, parse_body, require_api_key
 from clustering_service.api.errors_doc import errors
-from clustering_service.api.routes.jobs import IdempotencyKey, job_response
+from clustering_service.api.routes.jobs import JOB_HEADERS, IdempotencyKey, job_response
 from clustering_service.db import models as models_db
 from clustering_service.errors import InvalidRequest
 from clustering_service.jobs.submit import submit
@@ -31,6 +32,7 @@ from shared.clustering_schemas import (
     UpdateJobCreate,
     Version,
 )
+from shared.server import invalid_request
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -57,7 +59,7 @@ def get_version(name: str, version: int, engine: EngineDep) -> dict:
     return models_db.public_version(models_db.resolve(engine, name, version))
 
 
-@router.put("/{name}/aliases/{alias}", response_model=Alias, responses=errors(401, 404, 422))
+@router.put("/{name}/aliases/{alias}", response_model=Alias, responses=errors(401, 404, 413, 422))
 def set_alias(name: str, alias: str, body: AliasSet, engine: EngineDep) -> dict:
     """Point ``alias`` (e.g. ``production``) at a version; the move is recorded."""
     if not re.match(NAME_PATTERN, alias):
@@ -98,7 +100,15 @@ def get_assignments(
     "/{name}/update",
     status_code=202,
     response_model=Job,
-    responses=errors(401, 404, 409, 422),
+    responses={
+        200: {
+            "model": Job,
+            "description": "the job of an earlier request with the same Idempotency-Key",
+            "headers": JOB_HEADERS,
+        },
+        202: {"headers": JOB_HEADERS},
+        **errors(401, 404, 409, 413, 422, 503),
+    },
 )
 def update_model(
     name: str,
@@ -107,7 +117,14 @@ def update_model(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue an update job of this model (same as ``POST /v1/jobs`` with type update)."""
-    request = UpdateJobCreate(type="update", model_name=name, **body.model_dump())
+    try:
+        request = UpdateJobCreate(type="update", model_name=name, **body.model_dump())
+    except ValidationError as exc:  # the name in the path is not a valid model name
+        errors_ = [
+            {**e, "loc": ("name", *e["loc"][1:])} if e["loc"][:1] == ("model_name",) else e
+            for e in exc.errors(include_url=False)
+        ]
+        raise invalid_request(errors_) from None
     row, created = submit(runtime.engine, runtime.require_defer(), request, idempotency_key)
     return job_response(row, created)
 
