@@ -38,6 +38,7 @@ def _check(result: FuzzResult) -> None:
     assert result.passed, f"{result.summary()}: {result.failures}\n{result.output[-12000:]}"
 
 
+@pytest.mark.slow
 def test_embedding_service_conforms_to_its_schema(embedding_service, tmp_path: Path) -> None:
     result = run_schemathesis(
         "embedding", embedding_service.url, tmp_path, max_examples=EXAMPLES, seed=SEED
@@ -60,6 +61,7 @@ def seeded(embedding_service) -> Iterator[tuple[Clustering, dict[str, list[Any]]
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_clustering_service_conforms_to_its_schema(seeded, tmp_path: Path) -> None:
     service, known = seeded
     result = run_schemathesis(

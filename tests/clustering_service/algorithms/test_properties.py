@@ -12,7 +12,7 @@ matching and metrics code.
   force on small cases), recover a known permutation, and ``relabel_to_parent``
   keeps matched ids, hands out fresh ids above ``next_id`` and never reuses one.
 
-``DINOCLUSTER_HYPOTHESIS_EXAMPLES`` (default 40) sets the examples per test.
+``DINOCLUSTER_HYPOTHESIS_EXAMPLES`` (default 30) sets the examples per test.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from clustering_service.algorithms.metrics import (
 )
 from tests.support.clustering import fast_params
 
-EXAMPLES = int(os.environ.get("DINOCLUSTER_HYPOTHESIS_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("DINOCLUSTER_HYPOTHESIS_EXAMPLES", "30"))
 # no example database in the checkout; generous deadline on a shared CPU
 SETTINGS = settings(
     max_examples=EXAMPLES,
