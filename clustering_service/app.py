@@ -6,8 +6,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
+from clustering_service.api.deps import refuse_nul
 from clustering_service.api.routes import (
     algorithms,
     dashboard,
@@ -19,6 +20,7 @@ from clustering_service.api.routes import (
 )
 from clustering_service.config import Settings
 from clustering_service.runtime import ClusteringRuntime, service_version
+from shared.openapi import finish_openapi
 from shared.server import BodyLimitMiddleware, register_error_handlers
 
 
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None, embedding_transport: Any = None
             await runtime.stop()
 
     app = FastAPI(
+        dependencies=[Depends(refuse_nul)],
         title="dinocluster clustering service",
         version=service_version(),
         description="Datasets of embedded items, training jobs (k-means, DEC, DeepCluster, "
@@ -62,4 +65,5 @@ def create_app(settings: Settings | None = None, embedding_transport: Any = None
     register_error_handlers(app, count, ("items", "embeddings", "images"))
     for module in (datasets, algorithms, jobs, models, views, health, dashboard):
         app.include_router(module.router)
+    finish_openapi(app)
     return app

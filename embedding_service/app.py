@@ -19,6 +19,7 @@ from embedding_service.api.routes import embeddings, health
 from embedding_service.batcher import Backend
 from embedding_service.config import Settings
 from embedding_service.runtime import EmbeddingRuntime, service_version
+from shared.openapi import finish_openapi
 from shared.server import BodyLimitMiddleware, register_error_handlers
 
 
@@ -69,4 +70,5 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(embeddings.compat_router)
     app.include_router(health.router)
+    finish_openapi(app)
     return app

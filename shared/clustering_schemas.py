@@ -31,6 +31,9 @@ ItemId = Annotated[str, Field(pattern=ITEM_ID_PATTERN, description="1-512 printa
 ResourceId = Annotated[
     str, Field(pattern=ID_PATTERN, description="A dataset id as the service returned it.")
 ]
+# PostgreSQL text cannot hold NUL: free text the service stores or looks up is refused
+# with one (422 naming the field) instead of failing in the database.
+NO_NUL_PATTERN = r"^[^\x00]*$"
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -75,7 +78,10 @@ class ItemIn(_Request):
         "bytes (as the embedding service's encoding=base64).",
     )
     label: str | None = Field(
-        None, max_length=512, description="Known class, for evaluation metrics only."
+        None,
+        max_length=512,
+        pattern=NO_NUL_PATTERN,
+        description="Known class, for evaluation metrics only.",
     )
     meta: dict[str, Any] | None = Field(None, description="Any JSON object, kept as is.")
 
@@ -95,6 +101,16 @@ class ItemsAdded(BaseModel):
     duplicates: int = Field(description="Items whose id was already stored (left unchanged).")
     count: int = Field(description="Items in the dataset now.")
     dim: int
+
+
+class Item(BaseModel):
+    """``GET /v1/datasets/{dataset_id}/items/{item_id}``."""
+
+    item_id: str
+    label: str | None
+    meta: dict[str, Any] | None
+    created_at: datetime
+    has_thumbnail: bool = Field(description="Items added as images have one.")
 
 
 class ItemsDelete(_Request):

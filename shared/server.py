@@ -33,7 +33,6 @@ ErrorCounter = Callable[[Request, str], None]
 
 # Starlette's own errors (unknown route, wrong method, ...) by status.
 _HTTP_ERROR_TYPES = {
-    400: "invalid_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -99,6 +98,14 @@ def register_error_handlers(
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's own body parsing failed (bytes that are not UTF-8, say): the same
+            # 422 invalid_request as any other body that is not valid JSON
+            error = InvalidRequest(
+                f"the request body is not valid JSON ({exc.detail})", field="body"
+            )
+            counted(request, error.type)
+            return error_response(error)
         error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
         counted(request, error_type)
         body = {"error": {"type": error_type, "message": str(exc.detail)}}

@@ -120,16 +120,20 @@ def check_array(
         raise ClusteringInputError(
             f"{name} has {X.shape[1]} features but the model was fitted on {n_features}"
         )
+    converted = X.dtype != np.float32
+    if converted:
+        # checked after the cast: a finite float64 past float32's range becomes inf
+        with np.errstate(over="ignore"):
+            X = X.astype(np.float32)
     for start in range(0, X.shape[0], _CHECK_CHUNK_ROWS):
         chunk = X[start : start + _CHECK_CHUNK_ROWS]
-        if X.dtype.kind == "f" and not np.isfinite(chunk).all():
+        if not np.isfinite(chunk).all():
             bad = start + int(np.argwhere(~np.isfinite(chunk))[0, 0])
+            beyond = " or values beyond the float32 range" if converted else ""
             raise ClusteringInputError(
-                f"{name} contains NaN or infinite values (first at row {bad})"
+                f"{name} contains NaN or infinite values{beyond} (first at row {bad})"
             )
-    if X.dtype == np.float32:
-        return X
-    return X.astype(np.float32)
+    return X
 
 
 class BaseClusterer:

@@ -8,6 +8,7 @@ from fastapi import Depends, Path, Request
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Engine
 
+from clustering_service.errors import InvalidRequest
 from clustering_service.runtime import ClusteringRuntime
 from shared.clustering_schemas import ID_PATTERN, ITEM_ID_PATTERN, NAME_PATTERN
 from shared.server import check_bearer, invalid_request
@@ -40,6 +41,23 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 def require_api_key(request: Request, runtime: RuntimeDep) -> None:
     """``Authorization: Bearer <CLUSTERING_API_KEY>`` when a key is configured."""
     check_bearer(request, runtime.settings.secret("api_key"))
+
+
+def refuse_nul(request: Request) -> None:
+    """422 for a path or query parameter holding a NUL character.
+
+    PostgreSQL text cannot hold one, so no stored name or id has one: without this
+    the lookup would fail in the database (a 500) instead of naming the field.
+    Undeclared query parameters are ignored, as everywhere else.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    declared = {p.alias for p in dependant.query_params} if dependant is not None else set()
+    values = [*request.path_params.items()]
+    values += [(k, v) for k, v in request.query_params.multi_items() if k in declared]
+    for name, value in values:
+        if "\x00" in str(value):
+            raise InvalidRequest(f"{name}: must not contain NUL characters", field=name)
 
 
 async def parse_body(request: Request, model: type[M] | TypeAdapter[M]) -> M:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.schemas import ErrorResponse
+from shared.openapi import error_responses
+
+DESCRIPTIONS = {
+    404: "not_found: the named dataset, job, model, version or alias does not exist",
+    413: "payload_too_large (refused unread) or too_many_items",
+    422: "invalid_request (with field), invalid_embedding / invalid_image (with index), "
+    "dimension_mismatch, empty_dataset",
+    502: "embedding_service_error: the embedding service refused the request",
+    503: "embedding_service_unavailable or not_ready (Retry-After)",
+}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        401: "unauthorized: missing or wrong API key",
-        404: "not_found: the named dataset, job, model, version or alias does not exist",
-        409: "conflict: the request contradicts what is stored",
-        413: "payload_too_large or too_many_items",
-        422: "invalid_request (with field), invalid_embedding / invalid_image (with index), "
-        "dimension_mismatch, empty_dataset",
-        502: "embedding_service_error: the embedding service refused the request",
-        503: "embedding_service_unavailable or not_ready (Retry-After)",
-    }
-    return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
+    """``responses=`` for a route of this service that can answer with ``codes``."""
+    return error_responses(codes, DESCRIPTIONS)

@@ -142,9 +142,20 @@ def get_model(engine: Engine, name: str) -> dict[str, Any]:
     }
 
 
+#: the largest version number the database holds (its column is a 4-byte integer)
+MAX_VERSION = 2**31 - 1
+
+
+def _check_version(name: str, version: int | None) -> None:
+    """404 for a version number no model can have (and the database cannot compare)."""
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        raise NotFound(f"model {name!r} has no version {version}", resource="version")
+
+
 def resolve(engine: Engine, name: str, version: int | None = None, alias: str | None = None) -> Any:
     """The version row of ``name`` by number, by alias, or the latest (404s name what
     is missing)."""
+    _check_version(name, version)
     with engine.connect() as conn:
         model = _model_row(conn, name)
         if alias is not None:
@@ -172,6 +183,7 @@ def resolve_brief(
 ) -> tuple[int, int, int]:
     """``(pk, version, dim)`` of the version :func:`resolve` would find, in one query
     (prediction's hot path); 404s as :func:`resolve`."""
+    _check_version(name, version)
     v = model_versions.c
     query = select(v.pk, v.version, v.dim).where(v.model_name == name)
     if alias is not None:
@@ -198,6 +210,7 @@ def resolve_brief(
 
 def set_alias(engine: Engine, name: str, alias: str, version: int) -> dict[str, Any]:
     """Point ``alias`` at ``version`` (creating it), recording the move."""
+    _check_version(name, version)
     with engine.begin() as conn:
         model = conn.execute(
             select(*models.c).where(models.c.name == name).with_for_update()

@@ -24,6 +24,7 @@ from shared.clustering_schemas import (
     Dataset,
     DatasetCreate,
     DatasetList,
+    Item,
     ItemsAdd,
     ItemsAdded,
     ItemsDelete,
@@ -39,7 +40,7 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201, response_model=Dataset, responses=errors(401, 409, 422))
+@router.post("", status_code=201, response_model=Dataset, responses=errors(401, 409, 413, 422))
 def create_dataset(body: DatasetCreate, engine: EngineDep) -> dict:
     """A new empty dataset (409 with the existing ``id`` when the name is taken)."""
     return datasets_db.create(engine, body.name)
@@ -84,7 +85,9 @@ async def add_items(dataset_id: IdPath, request: Request, runtime: RuntimeDep) -
 
 
 @router.post(
-    "/{dataset_id}/items/lookup", response_model=ItemsFound, responses=errors(401, 404, 422)
+    "/{dataset_id}/items/lookup",
+    response_model=ItemsFound,
+    responses=errors(401, 404, 413, 422),
 )
 def lookup_items(dataset_id: IdPath, body: ItemsLookup, engine: EngineDep) -> ItemsFound:
     """Which of the ids the dataset holds (clients resuming an upload skip those)."""
@@ -96,7 +99,9 @@ def lookup_items(dataset_id: IdPath, body: ItemsLookup, engine: EngineDep) -> It
     )
 
 
-@router.delete("/{dataset_id}/items", response_model=ItemsDeleted, responses=errors(401, 404, 422))
+@router.delete(
+    "/{dataset_id}/items", response_model=ItemsDeleted, responses=errors(401, 404, 413, 422)
+)
 def remove_items(dataset_id: IdPath, body: ItemsDelete, engine: EngineDep) -> ItemsDeleted:
     """Delete items by id (ids not stored are counted as ``missing``)."""
     ids = list(dict.fromkeys(body.ids))
@@ -105,7 +110,9 @@ def remove_items(dataset_id: IdPath, body: ItemsDelete, engine: EngineDep) -> It
 
 
 @router.post(
-    "/{dataset_id}/thumbnails/lookup", response_model=Thumbnails, responses=errors(401, 404, 422)
+    "/{dataset_id}/thumbnails/lookup",
+    response_model=Thumbnails,
+    responses=errors(401, 404, 413, 422),
 )
 async def lookup_thumbnails(
     dataset_id: IdPath, body: ThumbnailsLookup, engine: EngineDep
@@ -140,7 +147,7 @@ async def get_thumbnail(dataset_id: IdPath, item_id: ItemIdPath, engine: EngineD
     return Response(data, media_type="image/webp", headers={"Cache-Control": "max-age=86400"})
 
 
-@router.get("/{dataset_id}/items/{item_id:path}", responses=errors(401, 404))
+@router.get("/{dataset_id}/items/{item_id:path}", response_model=Item, responses=errors(401, 404))
 def get_item(dataset_id: IdPath, item_id: ItemIdPath, engine: EngineDep) -> dict:
     """One item: id, label, meta, whether it has a thumbnail."""
     return datasets_db.get_item(engine, dataset_id, item_id)

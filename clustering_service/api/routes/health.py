@@ -9,7 +9,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from clustering_service.api.deps import RuntimeDep
+from clustering_service.api.errors_doc import errors
 from clustering_service.errors import NotReady
+from shared.openapi import PROMETHEUS_TEXT
 from shared.server import error_response
 
 router = APIRouter(tags=["health"])
@@ -21,7 +23,7 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "not_ready, with the reason"}})
+@router.get("/ready", responses=errors(503))
 async def ready(runtime: RuntimeDep) -> JSONResponse:
     """200 when the database is reachable, its schema current and a job worker alive."""
     reason = await asyncio.to_thread(runtime.not_ready_reason)
@@ -36,7 +38,7 @@ def info(runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.info()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus text format."""
     body, content_type = await asyncio.to_thread(runtime.metrics.render)

@@ -45,6 +45,16 @@ IdempotencyKey = Annotated[
 ]
 
 
+#: the headers of a job submission's 202 (and of the 200 of a repeated Idempotency-Key)
+JOB_HEADERS = {
+    "Location": {
+        "description": "The job's URL.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^/v1/jobs/"},
+    }
+}
+
+
 def job_response(row: Any, created: bool) -> JSONResponse:
     """202 + Location for a new job; 200 with the earlier job for a repeated key."""
     body = Job.model_validate(jobs_db.public(row)).model_dump(mode="json")
@@ -72,8 +82,10 @@ _JOB_CREATE: TypeAdapter[TrainJobCreate | UpdateJobCreate] = TypeAdapter(JobCrea
         200: {
             "model": Job,
             "description": "the job of an earlier request with the same Idempotency-Key",
+            "headers": JOB_HEADERS,
         },
-        **errors(401, 404, 409, 422),
+        202: {"headers": JOB_HEADERS},
+        **errors(401, 404, 409, 413, 422, 503),
     },
 )
 async def create_job(
@@ -108,7 +120,7 @@ def get_job(job_id: IdPath, engine: EngineDep) -> dict:
 
 
 @router.post(
-    "/{job_id}/cancel", status_code=202, response_model=Job, responses=errors(401, 404, 409)
+    "/{job_id}/cancel", status_code=202, response_model=Job, responses=errors(401, 404, 409, 503)
 )
 def cancel_job(job_id: IdPath, runtime: RuntimeDep) -> dict:
     """A queued job is cancelled at once; a running one stops at its next progress report

@@ -16,7 +16,7 @@ from clustering_service.api.deps import (
     require_api_key,
 )
 from clustering_service.api.errors_doc import errors
-from clustering_service.api.routes.jobs import IdempotencyKey, job_response
+from clustering_service.api.routes.jobs import JOB_HEADERS, IdempotencyKey, job_response
 from clustering_service.db import models as models_db
 from clustering_service.jobs.submit import submit
 from clustering_service.predict import assignments_page, predict
@@ -61,7 +61,7 @@ def get_version(name: NamePath, version: int, engine: EngineDep) -> dict:
     return models_db.public_version(models_db.resolve(engine, name, version))
 
 
-@router.put("/{name}/aliases/{alias}", response_model=Alias, responses=errors(401, 404, 422))
+@router.put("/{name}/aliases/{alias}", response_model=Alias, responses=errors(401, 404, 413, 422))
 def set_alias(name: NamePath, alias: NamePath, body: AliasSet, engine: EngineDep) -> dict:
     """Point ``alias`` (e.g. ``production``) at a version; the move is recorded."""
     return models_db.set_alias(engine, name, alias, body.version)
@@ -98,7 +98,15 @@ def get_assignments(
     "/{name}/update",
     status_code=202,
     response_model=Job,
-    responses=errors(401, 404, 409, 422),
+    responses={
+        200: {
+            "model": Job,
+            "description": "the job of an earlier request with the same Idempotency-Key",
+            "headers": JOB_HEADERS,
+        },
+        202: {"headers": JOB_HEADERS},
+        **errors(401, 404, 409, 413, 422, 503),
+    },
 )
 def update_model(
     name: NamePath,
@@ -107,6 +115,7 @@ def update_model(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue an update job of this model (same as ``POST /v1/jobs`` with type update)."""
+    # the path's name is checked by NamePath with the pattern of the body's model_name
     request = UpdateJobCreate(type="update", model_name=name, **body.model_dump())
     row, created = submit(runtime.engine, runtime.require_defer(), request, idempotency_key)
     return job_response(row, created)

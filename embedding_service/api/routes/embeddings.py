@@ -13,9 +13,10 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from embedding_service.api.deps import BatcherDep, EmbeddingRequestDep, RuntimeDep, require_api_key
+from embedding_service.api.errors_doc import errors
 from embedding_service.errors import TooManyImages
 from embedding_service.model import pool
-from shared.schemas import EmbeddingRequest, EmbeddingResponse, ErrorResponse, encode_embeddings
+from shared.schemas import EmbeddingRequest, EmbeddingResponse, encode_embeddings
 
 router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(require_api_key)])
 
@@ -25,25 +26,41 @@ T = TypeVar("T")
 # one large response does not stall every other connection for tens of ms.
 _ENCODE_IN_THREAD_FLOATS = 65_536
 
-_ERRORS = {
-    401: {"model": ErrorResponse, "description": "unauthorized (wrong or missing API key)"},
-    413: {"model": ErrorResponse, "description": "too_many_images or payload_too_large"},
-    422: {"model": ErrorResponse, "description": "invalid_image (with index) or invalid_request"},
-    429: {"model": ErrorResponse, "description": "overloaded (queue full; see Retry-After)"},
-    503: {"model": ErrorResponse, "description": "not_ready (model loading or worker died)"},
+_TIMING = {"schema": {"type": "string", "pattern": r"^\d+\.\d{2}$"}, "required": True}
+_RESPONSES = {
+    200: {
+        "headers": {
+            "x-queue-time": {**_TIMING, "description": "ms from admission to the model start"},
+            "x-preprocess-time": {**_TIMING, "description": "ms spent decoding the images"},
+            "x-inference-time": {**_TIMING, "description": "ms in the model"},
+            "x-total-time": {**_TIMING, "description": "ms from admission to the response"},
+        }
+    },
+    **errors(401, 413, 422, 429, 503),
+}
+# A 32 x 32 PNG: the request the documentation shows, and the first one API fuzzers send.
+_EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAKklEQVR42u3NMQEAAAQAMATRP4pYSvBtBZbTHZ8qngkE"
+    "AoFAIBAIBIIrC+AFAUQz669uAAAAAElFTkSuQmCC"
+)
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": EmbeddingRequest.model_json_schema(),
+                "example": {"images": [_EXAMPLE_IMAGE], "normalize": True},
+            }
+        },
+    }
 }
 
 
 @router.post(
     "/embeddings",
     response_model=EmbeddingResponse,
-    responses=_ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
-        }
-    },
+    responses=_RESPONSES,
+    openapi_extra=_REQUEST_BODY,
 )
 async def create_embeddings(
     request: Request, runtime: RuntimeDep, batcher: BatcherDep, body: EmbeddingRequestDep
@@ -99,14 +116,9 @@ compat_router = APIRouter(tags=["compatibility"], dependencies=[Depends(require_
 compat_router.post(
     "/embeddings/",
     response_model=EmbeddingResponse,
-    responses=_ERRORS,
+    responses=_RESPONSES,
     summary="Compatibility route of the seed project's client (same as POST /v1/embeddings)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=_REQUEST_BODY,
 )(create_embeddings)
 
 

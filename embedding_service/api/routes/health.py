@@ -8,13 +8,15 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from embedding_service.api.deps import RuntimeDep
+from embedding_service.api.errors_doc import errors
 from embedding_service.errors import NotReady
+from shared.openapi import PROMETHEUS_TEXT
 from shared.server import error_response
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses=errors(503))
 def health(runtime: RuntimeDep) -> JSONResponse:
     """200 while the process can still serve, also while the model loads.
 
@@ -26,7 +28,7 @@ def health(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "state": runtime.phase})
 
 
-@router.get("/ready")
+@router.get("/ready", responses=errors(503))
 def ready(runtime: RuntimeDep) -> JSONResponse:
     """200 once the model is loaded, warmed up with a full batch and its worker runs."""
     reason = runtime.not_ready_reason()
@@ -41,7 +43,7 @@ def info(runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.info()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus text format."""
     body, content_type = runtime.metrics.render()
