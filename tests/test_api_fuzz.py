@@ -135,7 +135,7 @@ def test_update_of_an_invalid_model_name_is_invalid(seeded) -> None:
     service, _ = seeded
     r = service.client.post("/v1/models/__main__/update", json={})
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["field"] == "name"
+    assert r.json()["error"]["field"] == "path.name"
 
 
 def test_a_body_that_is_not_utf8_is_invalid(seeded) -> None:
