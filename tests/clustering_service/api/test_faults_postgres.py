@@ -1,0 +1,104 @@
+"""PostgreSQL restarted under a running service: during ingest and during a job.
+
+Two servers: the embedded one (pgserver, in the service's data directory) and
+a PostgreSQL 15 server of the machine's installation (a throwaway cluster on
+its own port: the machine's shared server is never restarted). The service is
+not restarted: it must reconnect by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.support.clustering import Clustering, vector_items
+from tests.support.faults import (
+    Ingester,
+    PostgresCluster,
+    check_clear_error,
+    check_ingest,
+    restart_embedded,
+    wait_ready,
+)
+
+SLOW_DEC = {"hidden_dims": [64, 64], "latent_dim": 5, "pretrain_epochs": 300, "cluster_epochs": 2}
+
+
+@pytest.fixture(params=["embedded", "server"])
+def restartable(
+    request: pytest.FixtureRequest, clustering_factory: Any
+) -> Iterator[tuple[Clustering, Callable[[float], None]]]:
+    """A started service and ``restart(down_seconds)`` of its PostgreSQL."""
+    if request.param == "embedded":
+        service = clustering_factory().start().wait_ready()
+        pgdata = service.data_dir / "postgres"
+        yield service, lambda down: restart_embedded(pgdata, down_seconds=down)
+        return
+    cluster = PostgresCluster().start()
+    try:
+        service = clustering_factory(database_url=cluster.url).start().wait_ready()
+        yield service, lambda down: cluster.restart(down_seconds=down)
+        service.close()
+    finally:
+        cluster.close()
+
+
+def _training(service: Clustering, job_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = service.client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] == "running" and (job["progress"] or {}).get("stage") == "pretrain":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never started training: {job}")
+
+
+@pytest.mark.slow
+def test_postgres_restart(
+    restartable: tuple[Clustering, Callable[[float], None]],
+    digits_vectors: tuple[np.ndarray, np.ndarray],
+) -> None:
+    service, restart = restartable
+    c = service.client
+
+    # 1. during ingest
+    dataset = service.dataset()
+    ingester = Ingester(c, dataset)
+    ingester.start()
+    ingester.wait_for(3)
+    restart(1.0)
+    acknowledged = len(ingester.acknowledged)
+    recovered = wait_ready(service)
+    ingester.wait_for(acknowledged + 3)  # ingest works again, nobody restarted the service
+    ingester.finish()
+    print(f"{len(ingester.refused)} refused, first: {ingester.refused[0][1:]}")
+    check_ingest(service, dataset, ingester, "after-restart")
+
+    # 2. during a job
+    X, y = digits_vectors
+    digits = service.dataset()
+    service.add(digits, vector_items(X, "d", y))
+    job = service.train(digits, "dec", "restarted", n_clusters=5, params=SLOW_DEC)
+    _training(service, job["id"])
+    # down longer than the stall timeout (3 s): every worker's heartbeat goes stale
+    restart(4.0)
+    wait_ready(service)
+    assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"  # the job overlapped
+    done = service.wait_job(job["id"], timeout=180)
+    versions = c.get("/v1/models/restarted")
+    if done["state"] == "succeeded":
+        assert [v["version"] for v in versions.json()["versions"]] == [1]
+    else:
+        # failed with the reason, and no version of it visible
+        assert done["state"] == "failed" and done["error"]["type"] != "internal_error", done
+        assert versions.status_code == 404
+    print(
+        f"ready {recovered:.1f} s after the restart; job {done['state']}, {done['attempts']} runs"
+    )
+    r = c.get("/v1/models")
+    assert r.status_code == 200
+    check_clear_error(503, {"error": {"type": "not_ready", "message": "x"}})
