@@ -7,6 +7,7 @@ Every error renders as ``{"error": {"type", "message", ...extra}}``;
 from __future__ import annotations
 
 import errno
+import os
 
 import psycopg
 from sqlalchemy.exc import DBAPIError
@@ -103,6 +104,7 @@ class StorageFull(ServiceError):
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"
 
 #: the exception classes :func:`from_exception` may turn into a client-facing error
 TRANSLATED_ERRORS: tuple[type[Exception], ...] = (DBAPIError, psycopg.Error, OSError)
@@ -134,8 +136,10 @@ def from_exception(exc: BaseException) -> ServiceError | None:
         return DatabaseUnavailable(
             f"the database is unavailable ({_first_line(cause)}): retry shortly"
         )
-    if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
-        where = f" writing {cause.filename}" if cause.filename else ""
+    # libraries that write files in native code (safetensors) keep only the message
+    if (isinstance(cause, OSError) and cause.errno in _NO_SPACE) or _NO_SPACE_TEXT in str(cause):
+        filename = getattr(cause, "filename", None)
+        where = f" writing {filename}" if filename else ""
         return StorageFull(
             f"no space left on the service's disk{where}: free space in the data "
             "directory (CLUSTERING_DATA_DIR), then retry"

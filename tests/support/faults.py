@@ -150,15 +150,13 @@ def fill(directory: Path, keep_bytes: int = 0) -> Path:
     ``keep_bytes``); returns the file, whose deletion frees the space again."""
     filler = directory / "filler.bin"
     block = b"\0" * (1 << 16)
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while shutil.disk_usage(directory).free > keep_bytes + len(block):
                 f.write(block)
-                f.flush()
             if keep_bytes == 0:
                 while True:
                     f.write(block[:4096])
-                    f.flush()
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
