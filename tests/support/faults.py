@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,15 +164,24 @@ def fill(directory: Path, keep_bytes: int = 0) -> Path:
 
 
 class Ingester(threading.Thread):
-    """Sends batches of ``batch`` random ``dim``-d vectors to a dataset until stopped;
-    keeps the ids of every acknowledged batch and every non-200 answer."""
+    """Sends batches of ``batch`` random ``dim``-d vectors (or ``make_items(n)``, the
+    n-th batch) to a dataset until stopped; keeps the ids of every acknowledged
+    batch and every non-200 answer."""
 
-    def __init__(self, client: httpx.Client, dataset: str, batch: int = 500, dim: int = 32):
+    def __init__(
+        self,
+        client: httpx.Client,
+        dataset: str,
+        batch: int = 500,
+        dim: int = 32,
+        make_items: Callable[[int], list[dict[str, Any]]] | None = None,
+    ):
         super().__init__(daemon=True)
         self.client = client
         self.dataset = dataset
         self.batch = batch
         self.dim = dim
+        self.make_items = make_items
         self.acknowledged: list[list[str]] = []
         self.refused: list[tuple[list[str], int, dict[str, Any]]] = []
         self.transport_errors: list[tuple[list[str], str]] = []
@@ -182,8 +191,11 @@ class Ingester(threading.Thread):
     def run(self) -> None:
         n = 0
         while not self._halt.is_set():
-            X = self._rng.standard_normal((self.batch, self.dim)).astype(np.float32)
-            items = vector_items(X, f"b{n}-")
+            if self.make_items is not None:
+                items = self.make_items(n)
+            else:
+                X = self._rng.standard_normal((self.batch, self.dim)).astype(np.float32)
+                items = vector_items(X, f"b{n}-")
             ids = [item["id"] for item in items]
             try:
                 r = self.client.post(f"/v1/datasets/{self.dataset}/items", json={"items": items})
@@ -245,11 +257,17 @@ def wait_ready(service: Clustering, timeout: float = 60) -> float:
     )
 
 
-def check_ingest(service: Clustering, dataset: str, ingester: Ingester, model: str) -> int:
+def check_ingest(
+    service: Clustering,
+    dataset: str,
+    ingester: Ingester,
+    model: str,
+    error_types: set[str] = PASSING,
+) -> int:
     """Every acknowledged item is stored (count and ids, read back through the
     assignments of a model trained after the fault); returns the item count."""
     for _ids, status, body in ingester.refused:
-        check_clear_error(status, body)
+        check_clear_error(status, body, error_types)
     assert not ingester.transport_errors, ingester.transport_errors[:3]
     c = service.client
     # a refused request stored nothing, or (its commit went through as the connection

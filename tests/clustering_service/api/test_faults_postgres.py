@@ -75,6 +75,7 @@ def test_postgres_restart(
     ingester.wait_for(acknowledged + 3)  # ingest works again, nobody restarted the service
     ingester.finish()
     refused = ingester.refused
+    assert refused, "no ingest request overlapped the restart"
     print(f"{len(refused)} batches refused during the restart, first: {refused[0][1:]}")
     check_ingest(service, dataset, ingester, "after-restart")
 
