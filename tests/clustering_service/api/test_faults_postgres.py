@@ -8,8 +8,11 @@ not restarted: it must reconnect by itself.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,7 @@ from tests.support.clustering import Clustering, vector_items
 from tests.support.faults import (
     Ingester,
     PostgresCluster,
+    check_clear_error,
     check_ingest,
     restart_embedded,
     wait_ready,
@@ -30,17 +34,18 @@ SLOW_DEC = {"hidden_dims": [64, 64], "latent_dim": 5, "pretrain_epochs": 300, "c
 @pytest.fixture(params=["embedded", "server"])
 def restartable(
     request: pytest.FixtureRequest, clustering_factory: Any
-) -> Iterator[tuple[Clustering, Callable[[float], None]]]:
-    """A started service and ``restart(down_seconds)`` of its PostgreSQL."""
+) -> Iterator[tuple[Clustering, Callable[[float], None], Path | None]]:
+    """A started service, ``restart(down_seconds)`` of its PostgreSQL, and the
+    embedded PostgreSQL's data directory (None for the server)."""
     if request.param == "embedded":
         service = clustering_factory().start().wait_ready()
         pgdata = service.data_dir / "postgres"
-        yield service, lambda down: restart_embedded(pgdata, down_seconds=down)
+        yield service, lambda down: restart_embedded(pgdata, down_seconds=down), pgdata
         return
     cluster = PostgresCluster().start()
     try:
         service = clustering_factory(database_url=cluster.url).start().wait_ready()
-        yield service, lambda down: cluster.restart(down_seconds=down)
+        yield service, lambda down: cluster.restart(down_seconds=down), None
         service.close()
     finally:
         cluster.close()
@@ -58,10 +63,10 @@ def _training(service: Clustering, job_id: str, timeout: float = 60) -> None:
 
 @pytest.mark.slow
 def test_postgres_restart(
-    restartable: tuple[Clustering, Callable[[float], None]],
+    restartable: tuple[Clustering, Callable[[float], None], Path | None],
     digits_vectors: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    service, restart = restartable
+    service, restart, pgdata = restartable
     c = service.client
 
     # 1. during ingest
@@ -100,3 +105,19 @@ def test_postgres_restart(
     print(
         f"ready {recovered:.1f} s after the restart; job {done['state']}, runs {done['attempts']}"
     )
+
+    if pgdata is None:
+        return
+    # 3. the embedded PostgreSQL killed (-9) and nobody restarts it: the service does
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    started = time.monotonic()
+    r = c.get(f"/v1/datasets/{dataset}")
+    if r.status_code != 200:  # the service may have been quicker than this request
+        check_clear_error(r.status_code, r.json())
+    wait_ready(service)
+    assert c.get(f"/v1/datasets/{dataset}").json()["count"] > 0
+    restarted = int((pgdata / "postmaster.pid").read_text().split()[0])
+    assert restarted != postmaster
+    print(f"embedded PostgreSQL killed: ready again {time.monotonic() - started:.1f} s later")
+    assert "starting it again" in service.output()
