@@ -16,7 +16,10 @@ Skips where a tmpfs cannot be mounted (not root); CI runs as root.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,20 @@ import pytest
 
 from tests.support.clustering import vector_items
 from tests.support.faults import Ingester, check_clear_error, check_ingest, fill, tmpfs, wait_ready
+from tests.support.processes import stop_postmaster
+
+
+@contextlib.contextmanager
+def _stopped_postmaster(factory: Any, pgdata: Path) -> Iterator[None]:
+    """Stop the services, then their embedded PostgreSQL, before its tmpfs goes (the
+    factory's clean-up comes after the unmount, when its files can no longer be seen;
+    and a running service would start the database again)."""
+    try:
+        yield
+    finally:
+        for process in factory.made:
+            process.close()
+        stop_postmaster(pgdata)
 
 
 def _images(photo_jpegs: dict[str, bytes], to_base64: Any, prefix: str) -> list[dict[str, str]]:
@@ -84,7 +101,7 @@ def test_data_dir_full_with_database_elsewhere(
 
 @pytest.mark.slow
 def test_data_dir_full_with_embedded_database(clustering_factory: Any) -> None:
-    with tmpfs("160m") as data_dir:
+    with tmpfs("160m") as data_dir, _stopped_postmaster(clustering_factory, data_dir / "postgres"):
         service = clustering_factory(data_dir=data_dir).start()
         service.wait_ready(120)
         dataset = service.dataset()
