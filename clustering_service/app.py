@@ -19,6 +19,7 @@ from clustering_service.api.routes import (
     views,
 )
 from clustering_service.config import Settings
+from clustering_service.errors import TRANSLATED_ERRORS, from_exception
 from clustering_service.runtime import ClusteringRuntime, service_version
 from shared.openapi import finish_openapi
 from shared.server import BodyLimitMiddleware, register_error_handlers
@@ -62,7 +63,9 @@ def create_app(settings: Settings | None = None, embedding_transport: Any = None
         if request.url.path.startswith("/v1/"):
             runtime.metrics.failures.labels(error_type).inc()
 
-    register_error_handlers(app, count, ("items", "embeddings", "images"))
+    register_error_handlers(
+        app, count, ("items", "embeddings", "images"), from_exception, TRANSLATED_ERRORS
+    )
     for module in (datasets, algorithms, jobs, models, views, health, dashboard):
         app.include_router(module.router)
     finish_openapi(app)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from clustering_service.config import Settings
 from clustering_service.db import migrate
-from clustering_service.db.engine import database_url, make_engine
+from clustering_service.db.engine import database_url, make_engine, watch_embedded
 from clustering_service.db.jobs import Deferrer, QueueCanceller
 from clustering_service.embedder import Embedder
 from clustering_service.errors import NotReady
@@ -57,6 +57,7 @@ class ClusteringRuntime:
         self.versions: VersionCache | None = None
         self.views = ViewCache()
         self._worker: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.defer: Deferrer | None = None
         self.cancel: QueueCanceller | None = None
 
@@ -90,6 +91,8 @@ class ClusteringRuntime:
         self.hub = JobEventHub(self.database_url)
         self.hub.start()
         self._engine = engine
+        if self.settings.database_url is None:
+            self._watch = asyncio.create_task(watch_embedded(self.settings))
         if self.settings.in_process_worker:
             self._worker = asyncio.create_task(
                 run_worker_forever(self.settings, self.database_url, engine, self.cache)
@@ -97,6 +100,10 @@ class ClusteringRuntime:
             self._worker.add_done_callback(_log_worker_end)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -76,8 +76,17 @@ def register_error_handlers(
     app: FastAPI,
     count: ErrorCounter | None = None,
     index_fields: Sequence[str] = (),
+    translate: Callable[[Exception], ServiceError | None] | None = None,
+    translated_types: Sequence[type[Exception]] = (),
 ) -> None:
-    """Install the handlers on ``app``; ``count(request, type)`` sees every failure."""
+    """Install the handlers on ``app``; ``count(request, type)`` sees every failure.
+
+    ``translate`` turns an exception that is not a :class:`ServiceError` into one
+    (a lost database connection into a 503, say) or returns None: a logged 500.
+    Name the exception classes it knows in ``translated_types``: those are then
+    handled like errors of the service (Starlette re-raises, and so logs with a
+    stack trace, whatever reaches the catch-all handler).
+    """
 
     def counted(request: Request, error_type: str) -> None:
         if count is not None:
@@ -117,6 +126,9 @@ def register_error_handlers(
         return JSONResponse({"error": {"type": "disconnected", "message": "client went away"}}, 499)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        translated = translate(exc) if translate is not None else None
+        if translated is not None:
+            return await service_error(request, translated)
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         counted(request, "internal_error")
         body = {"error": {"type": "internal_error", "message": f"internal error: {exc!r}"}}
@@ -127,6 +139,8 @@ def register_error_handlers(
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_disconnect)
     app.add_exception_handler(Exception, unexpected)
+    for exc_type in translated_types:
+        app.add_exception_handler(exc_type, unexpected)
 
 
 def check_bearer(request: Request, key: str | None) -> None:

@@ -5,6 +5,8 @@ a PostgreSQL 16 from the ``pgserver`` wheel in ``<data_dir>/postgres``: it
 listens on a Unix socket only, survives the processes that use it (so a killed
 API finds its data again on restart) and is shared by every process of this
 machine pointing at the same directory (an API and standalone workers).
+If it stops (killed, crashed, stopped by hand) a running service starts it
+again (:func:`watch_embedded`): no manual step.
 
 Everything runs on psycopg 3: SQLAlchemy (``postgresql+psycopg``) for queries,
 the raw connection for ``COPY`` and ``LISTEN``, procrastinate for jobs.
@@ -12,6 +14,7 @@ the raw connection for ``COPY`` and ``LISTEN``, procrastinate for jobs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -45,6 +48,47 @@ def database_url(settings: Settings) -> str:
             server = pgserver.get_server(pgdata, cleanup_mode=None)
             _embedded[str(pgdata)] = server
     return server.get_uri()
+
+
+#: seconds between checks that the embedded PostgreSQL still runs
+EMBEDDED_WATCH_SECONDS = 2.0
+
+
+def restart_embedded_if_stopped(settings: Settings) -> bool:
+    """Start this process's embedded PostgreSQL again when it no longer runs (it
+    crashed, was killed, or someone stopped it); True when it was started.
+
+    A no-op with a configured database URL: a server of its own is run by others.
+    """
+    if settings.secret("database_url"):
+        return False
+    pgdata = (settings.data_dir / "postgres").resolve()
+    with _embedded_lock:
+        server = _embedded.get(str(pgdata))
+    if server is None:
+        return False
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is not None and info.is_running():
+        return False
+    log.warning("the embedded PostgreSQL in %s is not running; starting it again", pgdata)
+    # under pgserver's inter-process lock: another process of this data directory (a
+    # worker, an operator) may be starting it at the same time
+    with server._lock:
+        server.ensure_postgres_running()
+    log.info("the embedded PostgreSQL in %s runs again", pgdata)
+    return True
+
+
+async def watch_embedded(settings: Settings) -> None:
+    """:func:`restart_embedded_if_stopped` every few seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(EMBEDDED_WATCH_SECONDS)
+        try:
+            await asyncio.to_thread(restart_embedded_if_stopped, settings)
+        except Exception as exc:  # e.g. its disk is full: try again at the next tick
+            log.warning("could not start the embedded PostgreSQL again: %s", exc)
 
 
 def to_libpq_url(url: str) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from clustering_service.algorithms import ClusteringCancelled, ClusteringInputError
 from clustering_service.db import jobs as jobs_db
 from clustering_service.db.models import JobNotRunning
-from clustering_service.errors import ServiceError
+from clustering_service.errors import ServiceError, from_exception
 from clustering_service.jobs import train as train_module
 from clustering_service.jobs.progress import ProgressWriter
 from clustering_service.jobs.queue import JobInterrupted
@@ -88,8 +88,13 @@ class JobRunner:
         except ClusteringInputError as exc:
             self._end(job_id, "failed", {"type": "invalid_input", "message": str(exc)})
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            self._end(job_id, "failed", {"type": "internal_error", "message": repr(exc)})
+            error = from_exception(exc)  # a full disk, the database away: say so
+            if error is None:
+                log.exception("job %s failed", job_id)
+                self._end(job_id, "failed", {"type": "internal_error", "message": repr(exc)})
+            else:
+                log.warning("job %s failed: %s", job_id, error.message)
+                self._end(job_id, "failed", {"type": error.type, "message": error.message})
 
     def _end(self, job_id: str, state: str, error: dict[str, str] | None) -> None:
         with self.engine.begin() as conn:

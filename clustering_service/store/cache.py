@@ -51,14 +51,16 @@ class CacheDir:
     def get(self, key: str) -> Path | None:
         """The entry's directory when it is complete and every file checks out."""
         entry = self.root / key
+        if not entry.is_dir():
+            return None
         try:
             expected = json.loads((entry / CHECKSUMS).read_text())
             for name, checksum in expected.items():
                 if file_checksum(entry / name) != checksum:
                     raise ValueError(f"{name} fails its checksum")
-        except FileNotFoundError:
-            return None
         except (ValueError, OSError) as exc:
+            # a missing file too: the entry must go, or the rebuilt one could never be
+            # renamed into its place and this broken one would be served again
             log.warning("cache entry %s is corrupted (%s); rebuilding it", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
             return None

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.support.clustering import vector_items
-from tests.support.processes import free_port
+from tests.support.faults import Ingester, check_clear_error, check_ingest
+from tests.support.processes import ServiceProcess, free_port
 from tests.support.stub import ThreadedServer, slow_embedding_app
 
 
@@ -91,3 +94,60 @@ def test_embedding_service_comes_back(
     assert r.status_code == 200, r.text
     assert r.json()["added"] == 4
     assert httpx.get(f"{service.url}/ready").status_code == 200
+
+
+@pytest.mark.slow
+def test_embedding_service_killed_during_ingest_and_prediction(
+    clustering_factory: Any,
+    photo_jpegs: dict[str, bytes],
+    to_base64: Any,
+    digits_vectors: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """A real embedding service (of this test's own) killed with -9 while images
+    stream in, then started again on the same port: ingest and image prediction
+    answer 503 meanwhile, store nothing of a refused batch, and work again with
+    no step on the clustering service."""
+    embedder = ServiceProcess(
+        "embedding_service",
+        "--model",
+        "random:tiny",
+        "--batch-size",
+        "4",
+        env_prefix="EMBEDDING_",
+        env={"EMBEDDING_NUM_THREADS": "1", "EMBEDDING_PREPROCESS_WORKERS": "1"},
+    )
+    try:
+        embedder.start().wait_ready(120)
+        service = (
+            clustering_factory(env={"CLUSTERING_EMBEDDING_URL": embedder.url}).start().wait_ready()
+        )
+        photos = [to_base64(p) for p in list(photo_jpegs.values())[:2]]
+        dataset = service.dataset()
+        ingester = Ingester(
+            service.client,
+            dataset,
+            make_items=lambda n: [{"id": f"b{n}-{i}", "image": p} for i, p in enumerate(photos)],
+        )
+        ingester.start()
+        ingester.wait_for(2)
+        embedder.kill()
+        deadline = time.monotonic() + 30
+        while not ingester.refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ingester.refused, "no ingest request was refused while the embedder was down"
+        model = service.train(dataset, "kmeans", "images", n_clusters=2)
+        assert service.wait_job(model["id"])["state"] == "succeeded"
+        r = service.client.post("/v1/models/images/predict", json={"images": photos[:1]})
+        check_clear_error(r.status_code, r.json(), {"embedding_service_unavailable"})
+        assert embedder.url in r.json()["error"]["message"]
+        assert service.client.get("/ready").status_code == 200  # it still serves the rest
+
+        embedder.start().wait_ready(120)  # same port
+        acknowledged = len(ingester.acknowledged)
+        ingester.wait_for(acknowledged + 2)
+        ingester.finish()
+        r = service.client.post("/v1/models/images/predict", json={"images": photos[:1]})
+        assert r.status_code == 200, r.text
+        check_ingest(service, dataset, ingester, "after", {"embedding_service_unavailable"})
+    finally:
+        embedder.close()

@@ -63,3 +63,16 @@ def test_corrupted_database_copy_is_refused(
     with pytest.raises(ArtifactCorrupted, match="checksum"):
         fetch_files(engine, version_pk, CacheDir(tmp_path / "cache", 1 << 30))
     assert not list((tmp_path / "cache").glob("versions/*"))
+
+
+@pytest.mark.parametrize("lost", ["weights.bin", "checksums.json"])
+def test_cached_entry_missing_a_file_is_fetched_again(
+    engine: Engine, version_pk: int, tmp_path: Path, lost: str
+) -> None:
+    """A lost file makes the entry a miss AND removes it: the rebuilt entry can then
+    take its place (it used to stay, and the broken directory was served again)."""
+    cache = CacheDir(tmp_path / "cache", 1 << 30)
+    (fetch_files(engine, version_pk, cache) / lost).unlink()
+    again = fetch_files(engine, version_pk, cache)
+    assert (again / "weights.bin").read_bytes() == (tmp_path / "files" / "weights.bin").read_bytes()
+    assert cache.get(f"versions/{version_pk}") == again
