@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.load import PRESSURE_RSS_GROWTH_LIMIT, Plan, Services, failures, pressure_service, run
+from bench.load import Plan, Services, failures, pressure_growth_limit, pressure_service, run
 from tests.support.clustering import Clustering
 from tests.support.processes import ServiceProcess
 
@@ -64,4 +64,4 @@ def test_quick_load_only_200_and_429_and_memory_bounded(
     assert set(results["predict"]) == {"embeddings", "images"}, report
     pressure_run = results["pressure"]
     assert pressure_run["rejected_429"] > 0, report  # the queue really was full
-    assert pressure_run["rss_growth_mb"] <= PRESSURE_RSS_GROWTH_LIMIT / 2**20, report
+    assert pressure_run["rss_growth_mb"] <= pressure_growth_limit(plan.levels) / 2**20, report

@@ -55,12 +55,15 @@ async def admit_body(
     full or the body would pass ``max_pending_bytes``; otherwise hold its bytes in the
     budget until the request is answered.
 
-    A refused body is never read: the server discards it as it arrives, so clients
-    waiting on a full service cost no memory whatever their number.
+    A refused body is never kept or parsed: it is read and dropped chunk by chunk
+    before the 429 goes out, so clients waiting on a full service cost no memory
+    whatever their number, and each gets its answer after its upload, when the
+    connection is in a clean state for the next request.
     """
     settings = runtime.settings
     retry = settings.retry_after_seconds
     if batcher.depth >= batcher.max_queue_images:
+        await _drain(request)
         raise Overloaded(
             f"the queue holds {batcher.depth} images and takes at most "
             f"{batcher.max_queue_images}; retry after {retry} s",
@@ -71,6 +74,7 @@ async def admit_body(
     size = int(declared) if declared.isdigit() else settings.max_request_bytes
     budget = runtime.pending_bytes
     if not budget.try_reserve(size):
+        await _drain(request)
         raise Overloaded(
             f"requests holding {budget.used} bytes are being served and at most "
             f"{budget.limit} are taken at once; retry after {retry} s",
@@ -80,6 +84,12 @@ async def admit_body(
         yield
     finally:
         budget.release(size)
+
+
+async def _drain(request: Request) -> None:
+    """Read the body to its end, keeping none of it (BodyLimitMiddleware bounds it)."""
+    async for _ in request.stream():
+        pass
 
 
 async def read_embedding_request(
