@@ -233,8 +233,11 @@ async def hammer(
     # costs time linear in the pool's connections, which made 64 clients sharing one
     # pool spend 4x the CPU of the server they measured. The clients share one TLS
     # context (httpx builds one per client otherwise, ~40 ms of CPU each; unused here).
+    # Idle connections are dropped after 2 s, before the server's keep-alive timeout
+    # (uvicorn: 5 s, httpx's default expiry too): an overloaded client reusing a
+    # connection just as the server closed it saw ReadError, a race of the client's.
     tls = ssl.create_default_context()
-    one = httpx.Limits(max_connections=1)
+    one = httpx.Limits(max_connections=1, keepalive_expiry=2.0)
     async with contextlib.AsyncExitStack() as stack:
         pool = [
             await stack.enter_async_context(
