@@ -66,6 +66,7 @@ class VersionCache:
         self._loaded: OrderedDict[int, LoadedVersion] = OrderedDict()
         self._numbered: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._lock = threading.Lock()
+        self._loading: dict[int, threading.Lock] = {}  # one per version being loaded
 
     def resolve(self, name: str, version: int | None, alias: str | None) -> tuple[int, int, int]:
         """``(pk, version, dim)``; a numbered version is immutable, so it is looked up in
@@ -81,15 +82,35 @@ class VersionCache:
         return found
 
     def get(self, pk: int) -> LoadedVersion:
+        """The loaded version; concurrent first requests for it wait for one load."""
         with self._lock:
-            hit = self._loaded.get(pk)
+            hit = self._hit(pk)
             if hit is not None:
-                self._loaded.move_to_end(pk)
                 return hit
-        files = functools.partial(fetch_files, self.engine, pk, self.cache)
-        loaded = LoadedVersion(pk, load(str(files()), device="cpu"), files)
-        with self._lock:
-            self._loaded[pk] = loaded
-            while len(self._loaded) > self.size:
-                self._loaded.popitem(last=False)
+            loading = self._loading.setdefault(pk, threading.Lock())
+        # Without this, 64 concurrent predicts on a version not yet loaded each
+        # fetched its files and built the estimator (the load test's cold start).
+        with loading:
+            with self._lock:
+                hit = self._hit(pk)
+            if hit is not None:
+                return hit
+            try:
+                files = functools.partial(fetch_files, self.engine, pk, self.cache)
+                loaded = LoadedVersion(pk, load(str(files()), device="cpu"), files)
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(pk, None)
+                raise
+            with self._lock:
+                self._loaded[pk] = loaded
+                self._loading.pop(pk, None)
+                while len(self._loaded) > self.size:
+                    self._loaded.popitem(last=False)
         return loaded
+
+    def _hit(self, pk: int) -> LoadedVersion | None:
+        hit = self._loaded.get(pk)
+        if hit is not None:
+            self._loaded.move_to_end(pk)
+        return hit

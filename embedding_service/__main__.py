@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-images-per-request", type=int, help="default 256")
     add("--max-request-bytes", type=int, help="default 64 MiB")
     add("--max-queue-images", type=int, help="images admitted and not yet answered (default 1024)")
+    add(
+        "--max-pending-bytes",
+        type=int,
+        help="request body bytes admitted and not yet answered (default 256 MiB)",
+    )
     add("--preprocess-workers", type=int, help="decoding threads (default: CPUs available)")
     add("--num-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     add("--compile", action="store_true", default=None, help="torch.compile the model")

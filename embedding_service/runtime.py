@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embedding_service.admission import ByteBudget
 from embedding_service.batcher import Backend, Batcher
 from embedding_service.config import Settings
 from embedding_service.errors import NotReady
@@ -70,6 +71,7 @@ class EmbeddingRuntime:
         )
         device = getattr(getattr(backend, "info", None), "device", None) or settings.device
         self.batch_size = settings.resolved_batch_size(_device_kind(device))
+        self.pending_bytes = ByteBudget(settings.max_pending_bytes)
         self.batcher: Batcher | None = None
         self.phase: Phase = "loading"
         self.error: BaseException | None = None
@@ -202,6 +204,7 @@ class EmbeddingRuntime:
             "max_image_pixels": s.max_image_pixels,
             "min_image_size": s.min_image_size,
             "max_queue_images": s.max_queue_images,
+            "max_pending_bytes": s.max_pending_bytes,
             "preprocess_workers": s.preprocess_workers,
             "preprocessing": self.preprocess_config.describe(),
             "auth": s.api_key is not None,

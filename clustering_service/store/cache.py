@@ -12,6 +12,7 @@ against an attacker who can write the data directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,10 +95,14 @@ class CacheDir:
         """Delete least recently used entries until the cache fits ``max_bytes``."""
         keep = set(keep)
         entries = []
-        for checksums in self.root.glob(f"**/{CHECKSUMS}"):
-            entry = checksums.parent
-            size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
-            entries.append((entry.stat().st_mtime, size, entry))
+        for entry in self._entries():
+            # Other threads and processes commit, trim and stage concurrently: an
+            # entry that vanishes while it is measured is simply no longer there.
+            try:
+                size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+                entries.append((entry.stat().st_mtime, size, entry))
+            except FileNotFoundError:
+                continue
         total = sum(size for _, size, _ in entries)
         for _, size, entry in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
@@ -108,5 +113,22 @@ class CacheDir:
             total -= size
         stale = time.time() - 3600
         for tmp in (self.root / ".tmp").glob("*"):
-            if tmp.stat().st_mtime < stale:  # left by a killed process
-                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < stale:  # left by a killed process
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def _entries(self) -> list[Path]:
+        """Every committed entry (a directory holding ``checksums.json``).
+
+        ``os.walk`` skips directories that disappear under it, where ``Path.glob``
+        raised (a staging directory renamed into place by another thread: a 500 on
+        a predict that loaded a model, found by the load test); staging directories
+        are not entries and are not walked.
+        """
+        found = []
+        for parent, dirs, files in os.walk(self.root):
+            if Path(parent) == self.root and ".tmp" in dirs:
+                dirs.remove(".tmp")
+            if CHECKSUMS in files:
+                found.append(Path(parent))
+        return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
@@ -272,6 +273,61 @@ def test_full_queue_answers_429_at_once(
         assert ok.status_code == 200
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'embedding_requests_total{outcome="overloaded"} 1.0' in metrics
+
+
+def test_full_queue_or_byte_budget_refuses_before_the_body_is_read(
+    controlled: Any, photos_b64: list[str], threaded_server: Any
+) -> None:
+    """A refused request's body is never parsed: garbage that would be a 422 once read
+    gets the 429, both when the image queue is full and when the bytes being served
+    would pass max_pending_bytes. The server drains it, so the client reads the 429."""
+    held_body = json.dumps({"images": photos_b64[:2]}).encode()
+    limit = 1024 * 1024
+    app = create_app(
+        settings(
+            max_queue_images=8,
+            max_images_per_request=8,
+            max_request_bytes=limit,
+            max_pending_bytes=limit,
+        ),
+        controlled,
+    )
+    garbage = b"x" * (limit - len(held_body) + 1)
+    with threaded_server(app) as server:
+        controlled.gate = threading.Event()
+        controlled.entered.clear()
+        held = threading.Thread(
+            target=httpx.post,
+            args=(f"{server.url}/v1/embeddings",),
+            kwargs={"content": held_body, "timeout": 30},
+        )
+        held.start()
+        assert controlled.entered.wait(10)
+        small = httpx.post(f"{server.url}/v1/embeddings", content=b"not json")
+        over = httpx.post(f"{server.url}/v1/embeddings", content=garbage)
+        controlled.gate.set()
+        held.join(30)
+        assert small.status_code == 422  # fits: read and refused for what it is
+        assert over.status_code == 429, over.text
+        assert over.json()["error"]["type"] == "overloaded"
+        assert int(over.headers["retry-after"]) >= 1
+
+    app = create_app(settings(max_queue_images=8, max_images_per_request=8), controlled)
+    with threaded_server(app) as server:
+        controlled.gate = threading.Event()
+        controlled.entered.clear()
+        held = threading.Thread(
+            target=httpx.post,
+            args=(f"{server.url}/v1/embeddings",),
+            kwargs={"json": {"images": photos_b64[:8]}, "timeout": 30},
+        )
+        held.start()
+        assert controlled.entered.wait(10)
+        full = httpx.post(f"{server.url}/v1/embeddings", content=b"not json")
+        controlled.gate.set()
+        held.join(30)
+        assert full.status_code == 429, full.text
+        assert httpx.post(f"{server.url}/v1/embeddings", content=b"not json").status_code == 422
 
 
 def test_work_of_a_client_that_went_away_is_dropped(
