@@ -55,7 +55,6 @@ radius ``max_centroid_shift`` around its parent.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -76,6 +75,7 @@ from clustering_service.algorithms.nn import (
     seed_everything,
     state_to_numpy,
 )
+from clustering_service.algorithms.nn import step_threads as _step_threads
 
 #: samples the automatic pre-training schedule shows the autoencoder (about
 #: 4000 steps of 256 rows): ``ceil(PRETRAIN_SAMPLES / N)`` epochs, at least 1, at
@@ -94,26 +94,6 @@ MAX_AUTO_EPOCHS = 2000
 _CANCEL_EVERY = 200
 UPDATE_STRATEGIES = ("move_centroids", "refit_target")
 NOISE_KINDS = ("mask", "gaussian")
-
-
-@contextlib.contextmanager
-def _step_threads(device: str) -> Iterator[None]:
-    """One torch thread for mini-batch training on CPU, restored afterwards.
-
-    A step is small (256 rows through layers of a few hundred units), so intra-op
-    threads gain little, and on a busy machine their spin-waiting made a digits
-    pre-training step 40x slower (470 ms vs 12 ms with one thread). Whole-data
-    passes (encoding, soft assignment) run with torch's own setting.
-    """
-    if device != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _AutoEncoder(nn.Module):
