@@ -350,10 +350,25 @@ class DeepCluster(BaseClusterer):
     def _cluster(
         self, feats: np.ndarray, k: int, seed: int, previous: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """k-means on ``feats`` -> (centres, labels), ids matched to ``previous`` labels."""
-        _, labels, _ = run_kmeans(
+        """k-means on ``feats`` -> (centres, labels), ids matched to ``previous`` labels.
+
+        Candidates: ``kmeans_n_init`` k-means++ restarts and, after epoch 0, one
+        Lloyd run warm-started from the means of the ``previous`` clusters in
+        the new space; the lowest inertia wins. A new epoch thus only jumps to
+        another partition when that partition is better by k-means' own
+        objective, instead of whenever this epoch's random restarts happen to
+        land elsewhere (the main source of DeepCluster's seed spread).
+        """
+        _, labels, inertia = run_kmeans(
             feats, k, n_init=self.kmeans_n_init, max_iter=self.kmeans_max_iter, random_state=seed
         )
+        if previous is not None:
+            warm = _cluster_means(feats, previous, k)
+            _, warm_labels, warm_inertia = run_kmeans(
+                feats, k, init=warm, max_iter=self.kmeans_max_iter, random_state=seed
+            )
+            if warm_inertia <= inertia:
+                labels = warm_labels
         if previous is not None:
             mapping = match_labels(previous, labels, k, k)
             free = iter(sorted(set(range(k)) - {v for v in mapping.values() if v is not None}))
@@ -397,34 +412,36 @@ class DeepCluster(BaseClusterer):
         noise_std = self.input_noise / math.sqrt(X.shape[1])
         trunk.train()
         total, steps = 0.0, 0
-        for start in range(0, len(items) - 1, self.batch_size):
-            target = items[start : start + self.batch_size]
-            src = target
-            if neighbors is not None and neighbors.shape[1] > 0:
-                pick = torch.randint(neighbors.shape[1], (len(target),), generator=gen).numpy()
-                use = torch.rand(len(target), generator=gen).numpy() < self.neighbor_prob
-                src = np.where(use, neighbors[target, pick], target)
-            # sorted reads are much faster on a memory-mapped X
-            order = np.argsort(src, kind="stable")
-            src, target = src[order], target[order]
-            xb = torch.from_numpy(np.ascontiguousarray(np.take(X, src, axis=0)))
-            yb = torch.from_numpy(labels[target])
-            mask = None
-            if self.input_dropout > 0:
-                mask = (torch.rand(xb.shape, generator=gen) >= self.input_dropout).float()
-                mask /= 1.0 - self.input_dropout
-            noise = torch.randn(xb.shape, generator=gen) * noise_std if noise_std > 0 else None
-            xs = trunk.standardize(xb.to(dev))
-            if mask is not None:
-                xs = xs * mask.to(dev)
-            if noise is not None:
-                xs = xs + noise.to(dev)
-            loss = F.cross_entropy(head(trunk.embed(xs)), yb.to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
+        # one torch thread per step: on a busy CPU intra-op threads spin (nn.step_threads)
+        with cnn.step_threads(self.device_):
+            for start in range(0, len(items) - 1, self.batch_size):
+                target = items[start : start + self.batch_size]
+                src = target
+                if neighbors is not None and neighbors.shape[1] > 0:
+                    pick = torch.randint(neighbors.shape[1], (len(target),), generator=gen).numpy()
+                    use = torch.rand(len(target), generator=gen).numpy() < self.neighbor_prob
+                    src = np.where(use, neighbors[target, pick], target)
+                # sorted reads are much faster on a memory-mapped X
+                order = np.argsort(src, kind="stable")
+                src, target = src[order], target[order]
+                xb = torch.from_numpy(np.ascontiguousarray(np.take(X, src, axis=0)))
+                yb = torch.from_numpy(labels[target])
+                mask = None
+                if self.input_dropout > 0:
+                    mask = (torch.rand(xb.shape, generator=gen) >= self.input_dropout).float()
+                    mask /= 1.0 - self.input_dropout
+                noise = torch.randn(xb.shape, generator=gen) * noise_std if noise_std > 0 else None
+                xs = trunk.standardize(xb.to(dev))
+                if mask is not None:
+                    xs = xs * mask.to(dev)
+                if noise is not None:
+                    xs = xs + noise.to(dev)
+                loss = F.cross_entropy(head(trunk.embed(xs)), yb.to(dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
         trunk.eval()
         return total / max(steps, 1)
 

@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
-from clustering_service.algorithms.dec import _step_threads
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
 from clustering_service.algorithms.knn import nearest_neighbors
@@ -68,6 +67,7 @@ from clustering_service.algorithms.nn import (
     load_numpy_state,
     seed_everything,
     state_to_numpy,
+    step_threads,
 )
 from clustering_service.algorithms.odc import clip_centroids
 
@@ -357,7 +357,7 @@ class NeighborClusterer(BaseClusterer):
         """One epoch of the SCAN loss (summed over heads); with ``anchor_labels``
         (-1 = none) also cross-entropy toward them (updates). Returns the mean loss."""
         net.train()
-        with _step_threads(self.device_):
+        with step_threads(self.device_):
             return self._scan_steps(
                 net, opt, Z, neighbors, gen, anchor_labels, heads, parents, max_shift
             )
@@ -471,7 +471,7 @@ class NeighborClusterer(BaseClusterer):
             net.train()
             total = 0.0
             batches = self._batches(n, gen)
-            with _step_threads(self.device_):
+            with step_threads(self.device_):
                 for idx in batches:
                     idx = idx.to(self.device_)
                     logits = net(Z[idx])
@@ -556,7 +556,7 @@ class NeighborClusterer(BaseClusterer):
         the positive pair, the other items of the batch the negatives."""
         net.train()
         total, count = 0.0, 0
-        with _step_threads(self.device_):
+        with step_threads(self.device_):
             for step, idx in enumerate(self._batches(Z.shape[0], gen)):
                 idx = idx.to(self.device_)
                 nb = self._neighbor_of(idx, neighbors, gen)
@@ -595,7 +595,7 @@ class NeighborClusterer(BaseClusterer):
         weight = weight / weight[counts > 0].mean()
         net.train()
         total, count = 0.0, 0
-        with _step_threads(self.device_):
+        with step_threads(self.device_):
             for step, idx in enumerate(self._batches(Z.shape[0], gen)):
                 idx = idx.to(self.device_)
                 idx = idx[target[idx] >= 0]

@@ -78,6 +78,7 @@ from clustering_service.algorithms.nn import (
     load_numpy_state,
     seed_everything,
     state_to_numpy,
+    step_threads,
 )
 
 #: the paper's small-cluster threshold; ``min_cluster=None`` lowers it for small N / k
@@ -608,38 +609,40 @@ class ODC(BaseClusterer):
         for epoch in range(1, epochs + 1):
             start_labels = mem.labels.clone()
             loss_sum, n_fixed, n_clipped = 0.0, 0, 0
-            for batch_no, rows in enumerate(self._batches(n, gen)):
-                idx = torch.from_numpy(rows).to(self.device_)
-                x = self._augment(self._standardized(np.take(X, rows, axis=0)), gen)
-                feats = self.neck_(x)
-                loss = F.cross_entropy(self.head_(feats), mem.labels[idx], weight=weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * rows.size
-                with torch.no_grad():
-                    f_new = F.normalize(feats.detach(), dim=1)
-                    f = F.normalize((1.0 - m) * mem.features[idx] + m * f_new, dim=1)
-                    mem.move(idx, f, relabel)
-                iteration += 1
-                if relabel and iteration % self.centroid_update_interval == 0:
-                    n_clipped += refresh_centroids()
-                    # the running counts make the common no-small-cluster case O(k)
-                    if min_cluster is not None and int(mem.counts.min()) < min_cluster:
-                        fix = fix_small_clusters(
-                            mem.features,
-                            mem.labels,
-                            mem.centroids,
-                            min_cluster,
-                            random_state=self.random_state + iteration,
-                        )
-                        if fix.disbanded:
-                            mem.relabelled(fix.moved, fix.old_labels)
-                            mem.recompute_centroids()
-                            n_fixed += len(fix.disbanded)
-                    weights = loss_weights(mem.counts, self.reweight_power)
-                if batch_no % _CANCEL_EVERY == _CANCEL_EVERY - 1:
-                    self._check_cancel()
+            # one torch thread per step: on a busy CPU intra-op threads spin (nn.step_threads)
+            with step_threads(self.device_):
+                for batch_no, rows in enumerate(self._batches(n, gen)):
+                    idx = torch.from_numpy(rows).to(self.device_)
+                    x = self._augment(self._standardized(np.take(X, rows, axis=0)), gen)
+                    feats = self.neck_(x)
+                    loss = F.cross_entropy(self.head_(feats), mem.labels[idx], weight=weights)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += float(loss.detach()) * rows.size
+                    with torch.no_grad():
+                        f_new = F.normalize(feats.detach(), dim=1)
+                        f = F.normalize((1.0 - m) * mem.features[idx] + m * f_new, dim=1)
+                        mem.move(idx, f, relabel)
+                    iteration += 1
+                    if relabel and iteration % self.centroid_update_interval == 0:
+                        n_clipped += refresh_centroids()
+                        # the running counts make the common no-small-cluster case O(k)
+                        if min_cluster is not None and int(mem.counts.min()) < min_cluster:
+                            fix = fix_small_clusters(
+                                mem.features,
+                                mem.labels,
+                                mem.centroids,
+                                min_cluster,
+                                random_state=self.random_state + iteration,
+                            )
+                            if fix.disbanded:
+                                mem.relabelled(fix.moved, fix.old_labels)
+                                mem.recompute_centroids()
+                                n_fixed += len(fix.disbanded)
+                        weights = loss_weights(mem.counts, self.reweight_power)
+                    if batch_no % _CANCEL_EVERY == _CANCEL_EVERY - 1:
+                        self._check_cancel()
             mem.resum()
             n_clipped += refresh_centroids()
             loss, change = loss_sum / n, float((mem.labels != start_labels).double().mean())

@@ -254,3 +254,24 @@ def test_bad_input(fitted, small_digits):
         DEC(n_clusters=5, hidden_dims=[0]).fit(X)
     with pytest.raises(ClusteringInputError, match="update_strategy"):
         DEC(n_clusters=5, update_strategy="x").fit(X)
+
+
+def test_init_space_input_starts_from_the_kmeans_partition(small_digits):
+    """``init_space="input"`` (the default): the initial labels are k-means on X
+    itself, so with no clustering epochs DEC's labels are that partition as seen
+    from the latent centres (its clusters' mean codes); "latent" is the paper's."""
+    from clustering_service.algorithms.kmeans import run_kmeans
+
+    X, _ = small_digits
+    _, km_labels, _ = run_kmeans(X, 5, n_init=TINY["kmeans_n_init"], random_state=0)
+    events = []
+    DEC(n_clusters=5, progress_callback=events.append, **TINY).fit(X)
+    first = next(e for e in events if e.stage == "cluster")
+    # round 0 compares the nearest-latent-centre labels with the initial labels
+    assert first.label_change is not None and first.label_change < 0.5
+    model = DEC(n_clusters=5, **{**TINY, "cluster_epochs": 1}).fit(X)
+    assert clustering_accuracy(km_labels, model.labels_) > 0.6
+    paper = DEC(n_clusters=5, init_space="latent", **TINY).fit(X)
+    assert paper.labels_.shape == (X.shape[0],)
+    with pytest.raises(ClusteringInputError, match="init_space"):
+        DEC(n_clusters=5, init_space="pixels").fit(X)

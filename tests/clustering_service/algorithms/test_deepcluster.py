@@ -18,6 +18,7 @@ from clustering_service.algorithms import (
     load,
 )
 from clustering_service.algorithms.deepcluster import DeepCluster
+from clustering_service.algorithms.kmeans import run_kmeans
 from clustering_service.algorithms.knn import nearest_neighbors as _knn
 from clustering_service.algorithms.matching import match_labels
 from clustering_service.algorithms.metrics import clustering_accuracy
@@ -213,3 +214,18 @@ def test_approximate_knn_path(monkeypatch):
     assert not (approx == np.arange(3000)[:, None]).any()
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, approx, strict=True)])
     assert recall > 0.8
+
+
+def test_recluster_never_worse_than_the_warm_start(digits_data):
+    """An epoch's re-clustering keeps the previous partition's basin (Lloyd from
+    its means) unless a restart finds a lower inertia: with one restart and a
+    very good previous partition the result is never worse than that."""
+    X, _ = digits_data
+    model = DeepCluster(n_clusters=10, random_state=0, **{**TINY, "kmeans_n_init": 1}).fit(X)
+    feats = model._features(X)
+    _, best, best_inertia = run_kmeans(feats, 10, n_init=20, random_state=7)
+    for seed in range(4):
+        _, labels = model._cluster(feats, 10, seed, best)
+        centers = np.stack([feats[labels == j].mean(axis=0) for j in range(10)])
+        inertia = float(((feats - centers[labels]) ** 2).sum())
+        assert inertia <= best_inertia * (1 + 1e-4)
