@@ -81,8 +81,12 @@ def test_full_flow(
             states = [e["state"] for e in events]
             assert states[-1] == "succeeded", events[-1]
             assert "running" in states and states.index("running") < len(states) - 1
-            stages = {e["progress"]["stage"] for e in events if e["progress"]}
-            assert {"loading", "saving"} <= stages
+            # the stream starts from the job's state when the client subscribes (a fast
+            # worker may be past "loading" by then) and sends the job as it is when a
+            # change is announced (quick stages may be merged): several stages arrive,
+            # the last one before the end is "saving"
+            stages = [e["progress"]["stage"] for e in events if e["progress"]]
+            assert len(set(stages)) >= 2 and stages[-1] == "saving", stages
         done = service.wait_job(job["id"])
         assert done["state"] == "succeeded", done
         assert done["result"] == {"model_name": f"digits-{algorithm}", "version": 1}
