@@ -26,7 +26,12 @@ import psycopg
 import pytest
 
 from tests.support.clustering import Clustering
-from tests.support.processes import ServiceProcess, private_dir, stop_postmaster
+from tests.support.processes import (
+    ServiceProcess,
+    private_dir,
+    stop_postmaster,
+    tiny_embedding_service,
+)
 
 LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -34,15 +39,7 @@ LOCAL_PG = os.environ.get("DINOCLUSTER_TEST_PG", "postgresql://postgres@127.0.0.
 @pytest.fixture(scope="session")
 def embedding_service() -> Iterator[ServiceProcess]:
     """The real embedding service on a tiny random-weight DINOv2 (32-d vectors)."""
-    process = ServiceProcess(
-        "embedding_service",
-        "--model",
-        "random:tiny",
-        "--batch-size",
-        "4",
-        env_prefix="EMBEDDING_",
-        env={"EMBEDDING_NUM_THREADS": "1", "EMBEDDING_PREPROCESS_WORKERS": "1"},
-    )
+    process = tiny_embedding_service()
     process.start().wait_ready(120)
     yield process
     process.close()

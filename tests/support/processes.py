@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -122,6 +123,22 @@ class ServiceProcess:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+
+def tiny_embedding_service(env: dict[str, str] | None = None, **kwargs: Any) -> ServiceProcess:
+    """The embedding service on a tiny random-weight DINOv2 (32-d vectors), batches of
+    4, one thread: what every test that needs a real embedding service runs (not
+    started; ``env`` adds settings)."""
+    return ServiceProcess(
+        "embedding_service",
+        "--model",
+        "random:tiny",
+        "--batch-size",
+        "4",
+        env_prefix="EMBEDDING_",
+        env={"EMBEDDING_NUM_THREADS": "1", "EMBEDDING_PREPROCESS_WORKERS": "1", **(env or {})},
+        **kwargs,
+    )
 
 
 def private_dir(prefix: str = "dinocluster-test-") -> Path:

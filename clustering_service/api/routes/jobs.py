@@ -55,6 +55,18 @@ JOB_HEADERS = {
 }
 
 
+#: the documented answers of a job submission (``POST /v1/jobs`` and a model's update)
+JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": Job,
+        "description": "the job of an earlier request with the same Idempotency-Key",
+        "headers": JOB_HEADERS,
+    },
+    202: {"headers": JOB_HEADERS},
+    **errors(401, 404, 409, 413, 422, 503),
+}
+
+
 def job_response(row: Any, created: bool) -> JSONResponse:
     """202 + Location for a new job; 200 with the earlier job for a repeated key."""
     body = Job.model_validate(jobs_db.public(row)).model_dump(mode="json")
@@ -78,15 +90,7 @@ _JOB_CREATE: TypeAdapter[TrainJobCreate | UpdateJobCreate] = TypeAdapter(JobCrea
         }
     },
     response_model=Job,
-    responses={
-        200: {
-            "model": Job,
-            "description": "the job of an earlier request with the same Idempotency-Key",
-            "headers": JOB_HEADERS,
-        },
-        202: {"headers": JOB_HEADERS},
-        **errors(401, 404, 409, 413, 422, 503),
-    },
+    responses=JOB_RESPONSES,
 )
 async def create_job(
     request: Request,

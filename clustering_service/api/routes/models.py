@@ -16,7 +16,7 @@ from clustering_service.api.deps import (
     require_api_key,
 )
 from clustering_service.api.errors_doc import errors
-from clustering_service.api.routes.jobs import JOB_HEADERS, IdempotencyKey, job_response
+from clustering_service.api.routes.jobs import JOB_RESPONSES, IdempotencyKey, job_response
 from clustering_service.db import models as models_db
 from clustering_service.jobs.submit import submit
 from clustering_service.predict import assignments_page, predict
@@ -98,15 +98,7 @@ def get_assignments(
     "/{name}/update",
     status_code=202,
     response_model=Job,
-    responses={
-        200: {
-            "model": Job,
-            "description": "the job of an earlier request with the same Idempotency-Key",
-            "headers": JOB_HEADERS,
-        },
-        202: {"headers": JOB_HEADERS},
-        **errors(401, 404, 409, 413, 422, 503),
-    },
+    responses=JOB_RESPONSES,
 )
 def update_model(
     name: NamePath,

@@ -41,7 +41,7 @@ from fastapi.routing import iter_route_contexts
 
 from tests.support.clustering import Clustering
 from tests.support.fixtures import ClusteringFactory
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, tiny_embedding_service
 
 # A keyed embedding service and clustering service of its own (about a minute to start
 # on 2 cores), beyond the session-wide ones.
@@ -137,17 +137,13 @@ def stack(
     """A keyed embedding service and a keyed clustering service (local PostgreSQL) that
     forwards the embedding key, both logging at debug level with access logs; a dataset
     of six photos and two versions of a k-means model."""
-    embedding = ServiceProcess(
-        "embedding_service", "--model", "random:tiny", "--batch-size", "4",
-        env_prefix="EMBEDDING_",
+    embedding = tiny_embedding_service(
         env={
-            "EMBEDDING_NUM_THREADS": "1",
-            "EMBEDDING_PREPROCESS_WORKERS": "1",
             "EMBEDDING_API_KEY": EMBEDDING_KEY,
             "EMBEDDING_LOG_LEVEL": "debug",
             "EMBEDDING_ACCESS_LOG": "true",
-        },
-    )  # fmt: skip
+        }
+    )
     factory = ClusteringFactory(embedding.url, request)
     try:
         embedding.start().wait_ready(120)

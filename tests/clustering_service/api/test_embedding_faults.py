@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.clustering import vector_items
 from tests.support.faults import Ingester, check_clear_error, check_ingest
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import free_port, tiny_embedding_service
 from tests.support.stub import ThreadedServer, slow_embedding_app
 
 
@@ -107,15 +107,7 @@ def test_embedding_service_killed_during_ingest_and_prediction(
     stream in, then started again on the same port: ingest and image prediction
     answer 503 meanwhile, store nothing of a refused batch, and work again with
     no step on the clustering service."""
-    embedder = ServiceProcess(
-        "embedding_service",
-        "--model",
-        "random:tiny",
-        "--batch-size",
-        "4",
-        env_prefix="EMBEDDING_",
-        env={"EMBEDDING_NUM_THREADS": "1", "EMBEDDING_PREPROCESS_WORKERS": "1"},
-    )
+    embedder = tiny_embedding_service()
     try:
         embedder.start().wait_ready(120)
         service = (
