@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from clustering_service.algorithms import ClusteringCancelled, ClusteringInputError
 from clustering_service.db import jobs as jobs_db
 from clustering_service.db.models import JobNotRunning
+from clustering_service.db.retry import through_outage
 from clustering_service.errors import ServiceError, from_exception
 from clustering_service.jobs import train as train_module
 from clustering_service.jobs.progress import ProgressWriter
@@ -97,5 +98,8 @@ class JobRunner:
                 self._end(job_id, "failed", {"type": error.type, "message": error.message})
 
     def _end(self, job_id: str, state: str, error: dict[str, str] | None) -> None:
+        through_outage(self._finish, job_id, state, error)
+
+    def _finish(self, job_id: str, state: str, error: dict[str, str] | None) -> None:
         with self.engine.begin() as conn:
             jobs_db.finish(conn, job_id, state, error=error)

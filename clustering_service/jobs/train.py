@@ -23,6 +23,7 @@ from clustering_service.algorithms import BaseClusterer, ClusteringInputError, c
 from clustering_service.algorithms.matching import stability_report
 from clustering_service.algorithms.metrics import evaluate
 from clustering_service.db import models as models_db
+from clustering_service.db.retry import through_outage
 from clustering_service.errors import DimensionMismatch
 from clustering_service.jobs.progress import ProgressWriter
 from clustering_service.store.artifacts import fetch_files
@@ -174,7 +175,8 @@ def _store_version(
         files = Path(tmp)
         est.save(files)
         assignments.save(files / ASSIGNMENTS_FILE)
-        return models_db.create_version(
+        return through_outage(
+            models_db.create_version,
             ctx.engine,
             model_name=model_name,
             job_id=job_id,
