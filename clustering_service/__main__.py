@@ -86,8 +86,8 @@ def _serve(settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=10,
-        # not uvloop, even where it is installed: with it, the in-process worker's
-        # procrastinate connection hung for good after a PostgreSQL restart
+        # the loop every test runs on (uvloop, where installed, is not tested with the
+        # in-process worker's procrastinate and psycopg connections)
         loop="asyncio",
     )
     return 0
