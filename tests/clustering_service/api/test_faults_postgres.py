@@ -33,7 +33,7 @@ SLOW_DEC = {"hidden_dims": [64, 64], "latent_dim": 5, "pretrain_epochs": 500, "c
 
 
 # The server variant is `long`: after the fix for jobs that ended during the outage
-# (clustering_service/db/retry.py) it still failed 1 run in 8 on the 2-core box.
+# (clustering_service/db/retry.py) it failed once in 24 runs on the 2-core box.
 @pytest.fixture(params=["embedded", pytest.param("server", marks=pytest.mark.long)])
 def restartable(
     request: pytest.FixtureRequest, clustering_factory: Any
