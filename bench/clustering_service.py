@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import platform
 import statistics
@@ -218,7 +219,7 @@ def bench_vectors(tmp: Path, quick: bool) -> dict[str, Any]:
 # -- jobs at 1M ---------------------------------------------------------------------------
 
 
-def _run_job(url: str, body: dict[str, Any], worker_pid: int) -> dict[str, Any]:
+def _run_job(url: str, body: dict[str, Any], worker: ServiceProcess) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=600) as client:
         job = client.post("/v1/jobs", json=body).json()
         while True:
@@ -235,10 +236,13 @@ def _run_job(url: str, body: dict[str, Any], worker_pid: int) -> dict[str, Any]:
     run = (
         datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
     ).total_seconds()
+    # the worker logs where the job's time went: "job <id> stored ...: load 0.41 s, ..."
+    stages = [line for line in worker.output().splitlines() if f"job {job['id']} stored" in line]
     return {
         "run_s": run,
         "fit_s": version["fit_seconds"],
         "overhead_s": run - version["fit_seconds"],
+        "stages": stages[-1].rsplit(": ", 1)[-1] if stages else None,
     }
 
 
@@ -249,7 +253,14 @@ def _peak_rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-def bench_jobs(tmp: Path, quick: bool) -> dict[str, Any]:
+JOB_CASES = {
+    "kmeans_cold": ("kmeans", {"n_init": 1, "max_iter": 20}),
+    "kmeans_warm": ("kmeans", {"n_init": 1, "max_iter": 20}),
+    "dec_warm": ("dec", {"pretrain_epochs": 1, "cluster_epochs": 1}),
+}
+
+
+def bench_jobs(tmp: Path, quick: bool, cases: list[str] | None = None) -> dict[str, Any]:
     n = 100_000 if quick else 1_000_000
     embedding, clustering = start_services(tmp, "random:tiny", worker=False)
     worker = ServiceProcess(
@@ -268,12 +279,8 @@ def bench_jobs(tmp: Path, quick: bool) -> dict[str, Any]:
         data_bytes = n * DIM * 4
         pid = worker.process.pid  # type: ignore[union-attr]
         results: dict[str, Any] = {"n": n, "ingest_vectors_s": rate, "data_bytes": data_bytes}
-        cases = [
-            ("kmeans_cold", "kmeans", {"n_init": 1, "max_iter": 20}),
-            ("kmeans_warm", "kmeans", {"n_init": 1, "max_iter": 20}),
-            ("dec_warm", "dec", {"pretrain_epochs": 1, "cluster_epochs": 1}),
-        ]
-        for name, algorithm, params in cases:
+        for name in cases or list(JOB_CASES):
+            algorithm, params = JOB_CASES[name]
             body = {
                 "type": "train",
                 "dataset_id": dataset,
@@ -282,19 +289,17 @@ def bench_jobs(tmp: Path, quick: bool) -> dict[str, Any]:
                 "model_name": f"big-{name}",
                 "params": params,
             }
-            results[name] = _run_job(url, body, pid)
+            results[name] = _run_job(url, body, worker)
             print(f"  {name}: {results[name]}", flush=True)
         peak = _peak_rss(pid)
         results["worker_peak_rss_bytes"] = peak
         results["peak_rss_over_data"] = peak / data_bytes
-        results["pass"] = {
-            "cold_overhead_le_15s": results["kmeans_cold"]["overhead_s"] <= 15,
-            "warm_overhead_le_3s": max(
-                results["kmeans_warm"]["overhead_s"], results["dec_warm"]["overhead_s"]
-            )
-            <= 3,
-            "peak_rss_le_3x": peak <= 3 * data_bytes,
-        }
+        warm = [results[c]["overhead_s"] for c in ("kmeans_warm", "dec_warm") if c in results]
+        results["pass"] = {"peak_rss_le_3x": peak <= 3 * data_bytes}
+        if "kmeans_cold" in results:
+            results["pass"]["cold_overhead_le_15s"] = results["kmeans_cold"]["overhead_s"] <= 15
+        if warm:
+            results["pass"]["warm_overhead_le_3s"] = max(warm) <= 3
         return results
     finally:
         worker.close()
@@ -359,6 +364,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes (100k instead of 1M)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--parts", nargs="+", default=["images", "vectors", "jobs", "predict"])
+    p.add_argument(
+        "--job-cases",
+        nargs="+",
+        choices=list(JOB_CASES),
+        help="jobs part: only these jobs (default: all, in this order; a warm job needs a "
+        "job before it)",
+    )
     args = p.parse_args()
     results: dict[str, Any] = {
         "machine": {
@@ -370,7 +382,7 @@ def main() -> None:
     parts = {
         "images": bench_images,
         "vectors": bench_vectors,
-        "jobs": bench_jobs,
+        "jobs": functools.partial(bench_jobs, cases=args.job_cases),
         "predict": bench_predict,
     }
     for part in args.parts:

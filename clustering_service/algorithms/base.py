@@ -143,6 +143,9 @@ class BaseClusterer:
     name: ClassVar[str] = ""
     #: whether ``cluster_centers_`` exists for this method
     has_centers: ClassVar[bool] = True
+    #: whether ``cluster_centers_`` (k, n_features_in_) lie in the input space (k-means)
+    #: rather than in a learned one
+    centers_in_input_space: ClassVar[bool] = False
 
     # Hyper-parameters common to all estimators. Subclasses list them in
     # their own ``__init__`` signature (sklearn-style ``get_params``).

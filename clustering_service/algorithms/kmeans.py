@@ -24,7 +24,10 @@ Soft assignment (``predict_proba``): ``softmax_j(-|x - c_j|^2 / T)`` with the
 temperature ``T`` fixed at fit time to the mean squared distance of a training
 point to its own centre (the within-cluster variance), so the sharpness does
 not depend on the scale of the data: a point one "typical cluster radius"
-farther from centre ``a`` than from centre ``b`` gets odds ``e`` to 1.
+farther from centre ``a`` than from centre ``b`` gets odds ``e`` to 1. ``T`` is
+measured on the rows Lloyd ran on, so it is known before the final assignment
+of every row, and that one pass also gives each row its probability
+(``labels_proba_``: a job stores it without another pass over the data).
 
 Incremental update (:meth:`KMeansClusterer.update`): Lloyd iterations
 warm-started from the current centres -- ids are kept by construction -- for
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -98,10 +102,27 @@ def assign_nearest(
     return _assign(X, centers, batch_size)
 
 
-def _assign(X: np.ndarray, centers: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def assign_soft(
+    X: np.ndarray, centers: np.ndarray, temperature: float, batch_size: int = ASSIGN_BATCH
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`assign_nearest` that also returns each row's largest soft assignment.
+
+    Returns ``(labels int64 (n,), squared distances float32 (n,), max_proba
+    float32 (n,))`` where ``max_proba = max_j softmax_j(-|x - c_j|^2 / temperature)``,
+    the probability :meth:`KMeansClusterer.predict_proba` gives the row's own
+    cluster, computed in the same pass over X.
+    """
+    centers = np.ascontiguousarray(centers, dtype=np.float32)
+    return _assign(X, centers, batch_size, temperature)  # type: ignore[return-value]
+
+
+def _assign(
+    X: np.ndarray, centers: np.ndarray, batch_size: int, temperature: float | None = None
+) -> tuple[np.ndarray, ...]:
     n = X.shape[0]
     labels = np.empty(n, dtype=np.int64)
     dist2 = np.empty(n, dtype=np.float32)
+    max_proba = np.empty(n, dtype=np.float32) if temperature is not None else None
     c_sq = np.einsum("kd,kd->k", centers, centers)
     c_t = np.ascontiguousarray(centers.T)
     for start in range(0, n, batch_size):
@@ -112,11 +133,19 @@ def _assign(X: np.ndarray, centers: np.ndarray, batch_size: int) -> tuple[np.nda
         scores += c_sq
         idx = scores.argmin(axis=1)
         best = np.take_along_axis(scores, idx[:, None], axis=1)[:, 0]
+        if max_proba is not None:
+            # softmax of -scores / T at its argmax: 1 / sum_j exp(-(s_j - s_best) / T)
+            scores -= best[:, None]
+            scores *= np.float32(-1.0 / temperature)
+            np.exp(scores, out=scores)
+            max_proba[start : start + len(chunk)] = 1.0 / scores.sum(axis=1)
         best += np.einsum("nd,nd->n", chunk, chunk)
         np.maximum(best, 0.0, out=best)
         labels[start : start + len(chunk)] = idx
         dist2[start : start + len(chunk)] = best
-    return labels, dist2
+    if max_proba is None:
+        return labels, dist2
+    return labels, dist2, max_proba
 
 
 def fill_empty_clusters(
@@ -157,7 +186,9 @@ def _kmeans_sklearn(
     max_iter: int,
     init: np.ndarray | None,
     callback: RestartCallback | None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
+    """Best of the restarts by inertia: ``(centers (k, d), mean squared distance of a
+    row to its centre)``."""
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
@@ -180,7 +211,7 @@ def _kmeans_sklearn(
             best, best_inertia = km.cluster_centers_, km.inertia_
         if callback is not None:
             callback(i + 1, len(seeds), float(km.inertia_))
-    return np.asarray(best, dtype=np.float32)
+    return np.asarray(best, dtype=np.float32), float(best_inertia) / data.shape[0]
 
 
 def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -250,7 +281,7 @@ def _mean_step(
 ) -> np.ndarray:
     """One Lloyd mean update: each centre moves to the mean of its rows (unit
     length when ``spherical``); a centre without rows stays where it was."""
-    sums, counts = _center_sums(X, labels, centers.shape[0])
+    sums, counts = center_sums(X, labels, centers.shape[0])
     means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
     return _normalize_rows(means) if spherical else means.astype(np.float32)
 
@@ -264,7 +295,9 @@ def _kmeans_large(
     spherical: bool,
     random_state: int,
     callback: RestartCallback | None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
+    """Best restart on the training rows: ``(centers (k, d), mean squared distance of a
+    training row to its centre)``."""
     n = X.shape[0]
     n_train = min(n, max(_POINTS_PER_CENTROID * k, MIN_TRAIN_ROWS))
     if n_train < n:
@@ -283,7 +316,26 @@ def _kmeans_large(
             best, best_inertia = centers, inertia
         if callback is not None:
             callback(i + 1, len(seeds), inertia)
-    return best
+    return best, float(best_inertia) / n_train
+
+
+@dataclass
+class KMeansResult:
+    """What :func:`fit_kmeans` found.
+
+    ``centers`` float32 (k, d); ``labels`` int64 (n,) and ``inertia`` (sum of
+    squared distances of all rows to their centre); ``temperature`` the mean
+    squared distance of a row Lloyd trained on to its centre; ``max_proba``
+    float32 (n,) with ``soft=True``: each row's ``softmax(-|x - c|^2 /
+    temperature)`` at its own centre (None otherwise, and when an empty cluster
+    had to be filled, which moves centres after that pass).
+    """
+
+    centers: np.ndarray
+    labels: np.ndarray
+    inertia: float
+    temperature: float
+    max_proba: np.ndarray | None = None
 
 
 def run_kmeans(
@@ -307,6 +359,34 @@ def run_kmeans(
     empty. ``callback(restart, n_init, inertia)`` is called after each restart
     (it may raise to abort).
     """
+    r = fit_kmeans(
+        X,
+        n_clusters,
+        n_init=n_init,
+        max_iter=max_iter,
+        random_state=random_state,
+        init=init,
+        spherical=spherical,
+        callback=callback,
+    )
+    return r.centers, r.labels, r.inertia
+
+
+def fit_kmeans(
+    X: np.ndarray,
+    n_clusters: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 100,
+    random_state: int = 0,
+    init: np.ndarray | None = None,
+    spherical: bool = False,
+    callback: RestartCallback | None = None,
+    soft: bool = False,
+) -> KMeansResult:
+    """:func:`run_kmeans` with its temperature and, with ``soft``, each row's soft
+    assignment to its own centre, from the final assignment pass (no extra pass
+    over X)."""
     n = X.shape[0]
     k = int(n_clusters)
     if k < 1 or n < k:
@@ -318,14 +398,22 @@ def run_kmeans(
         n_init = 1
     seeds = [int(s) for s in np.random.RandomState(random_state).randint(0, 2**31 - 1, n_init)]
     if n <= SKLEARN_MAX_ROWS and not spherical:
-        centers = _kmeans_sklearn(X, k, seeds, max_iter, init, callback)
+        centers, train_d2 = _kmeans_sklearn(X, k, seeds, max_iter, init, callback)
     else:
-        centers = _kmeans_large(X, k, seeds, max_iter, init, spherical, random_state, callback)
-    labels, dist2 = assign_nearest(X, centers)
+        centers, train_d2 = _kmeans_large(
+            X, k, seeds, max_iter, init, spherical, random_state, callback
+        )
+    temperature = _temperature(train_d2)
+    max_proba = None
+    if soft:
+        labels, dist2, max_proba = assign_soft(X, centers, temperature)
+    else:
+        labels, dist2 = assign_nearest(X, centers)
     if np.bincount(labels, minlength=k).min() == 0:
         centers, labels = fill_empty_clusters(X, centers, labels)
         dist2 = _dist2_to(X, centers, labels)
-    return centers, labels, float(dist2.sum(dtype=np.float64))
+        max_proba = None
+    return KMeansResult(centers, labels, float(dist2.sum(dtype=np.float64)), temperature, max_proba)
 
 
 def _dist2_to(X: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -338,7 +426,7 @@ def _dist2_to(X: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> np.ndar
     return out
 
 
-def _center_sums(X: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def center_sums(X: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (k, d) float64 and counts (k,), chunked over X."""
     from scipy import sparse
 
@@ -389,6 +477,7 @@ class KMeansClusterer(BaseClusterer):
     """
 
     name: ClassVar[str] = "kmeans"
+    centers_in_input_space: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -429,7 +518,7 @@ class KMeansClusterer(BaseClusterer):
             self._report("kmeans", restart, n_init, loss=inertia / X.shape[0])
 
         self._report("kmeans", 0, self.n_init)
-        centers, labels, inertia = run_kmeans(
+        result = fit_kmeans(
             X,
             self.n_clusters_,
             n_init=int(self.n_init),
@@ -437,11 +526,13 @@ class KMeansClusterer(BaseClusterer):
             random_state=self.random_state,
             spherical=bool(self.spherical),
             callback=on_restart,
+            soft=True,
         )
-        self.cluster_centers_ = centers
-        self.labels_ = labels
-        self.inertia_ = inertia
-        self.temperature_ = _temperature(inertia, X.shape[0])
+        self.cluster_centers_ = result.centers
+        self.labels_ = result.labels
+        self.labels_proba_ = result.max_proba
+        self.inertia_ = result.inertia
+        self.temperature_ = result.temperature
 
     # -- predict -----------------------------------------------------------
     def _predict(self, X: np.ndarray) -> np.ndarray:
@@ -497,7 +588,7 @@ class KMeansClusterer(BaseClusterer):
         self.cluster_centers_ = centers
         self.labels_ = labels
         self.inertia_ = float(dist2.sum(dtype=np.float64))
-        self.temperature_ = _temperature(self.inertia_, X.shape[0])
+        self.temperature_ = _temperature(self.inertia_ / X.shape[0])
         self.update_info_ = {
             "epochs": run,
             "centroid_shift_mean": float(shift.mean()),
@@ -531,6 +622,6 @@ class KMeansClusterer(BaseClusterer):
         self.inertia_ = float(meta.get("inertia", np.nan))
 
 
-def _temperature(inertia: float, n: int) -> float:
-    """Mean squared distance to the own centre, floored so duplicates-only data works."""
-    return max(inertia / max(n, 1), 1e-12)
+def _temperature(mean_d2: float) -> float:
+    """The mean squared distance to the own centre, floored so duplicates-only data works."""
+    return max(float(mean_d2), 1e-12)

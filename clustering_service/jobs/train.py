@@ -9,6 +9,7 @@ for each item of the snapshot its id, cluster and probability.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from clustering_service.store.artifacts import fetch_files
 from clustering_service.store.cache import CacheDir
 from clustering_service.store.vectors import Snapshot, load_snapshot
 
+log = logging.getLogger(__name__)
+
 ASSIGNMENTS_FILE = "assignments.safetensors"
 #: rows per predict_proba call when assigning a snapshot (bounds memory at n x k)
 _ASSIGN_ROWS = 65536
@@ -38,6 +41,13 @@ EXEMPLARS = 8
 #: rows of the seeded sample the silhouette is computed on: its cost grows with the
 #: square (10,000 rows took 13 s of a job on 200k items here; 3,000 take ~1 s)
 SILHOUETTE_SAMPLE = 3000
+
+
+def preload() -> None:
+    """Import what a job's scoring needs (scikit-learn's metrics, about 1.5 s), so
+    that a worker's first job does not pay for it."""
+    import scipy.sparse  # noqa: F401
+    import sklearn.metrics  # noqa: F401
 
 
 @dataclass
@@ -102,44 +112,52 @@ def assign(est: BaseClusterer, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def summarize_clusters(
-    X: np.ndarray, cluster: np.ndarray, ids: list[str], n_clusters: int
+    X: np.ndarray,
+    cluster: np.ndarray,
+    ids: list[str],
+    n_clusters: int,
+    centers: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Size and exemplar ids (closest to the cluster's mean vector) of every cluster id.
+    """Size and exemplar ids of every cluster id: its :data:`EXEMPLARS` items closest
+    to its centre, ``centers`` (k, d) in the space of X when given (k-means' own),
+    else the mean of its items.
 
-    Two chunked passes over X (cluster sums by a sparse indicator product, then
-    each row's distance to its cluster's mean) and one sort: no per-cluster copy
-    of the data.
+    X (n, d) is read once in chunks for the distances (|x|^2 - 2 x.c + |c|^2), and
+    once more for the means when no centres are given: no per-cluster copy of the
+    data, no sort of all n rows. The few closest candidates of each cluster are
+    then ranked by their exact distance, ties by item order.
     """
-    from scipy.sparse import csr_matrix
+    from clustering_service.algorithms.kmeans import center_sums
 
-    n, d = X.shape
+    n = X.shape[0]
     cluster = cluster.astype(np.int64)
-    sizes = np.bincount(cluster, minlength=n_clusters)
-    sums = np.zeros((n_clusters, d), dtype=np.float64)
-    for start in range(0, n, _ASSIGN_ROWS):
-        c = cluster[start : start + _ASSIGN_ROWS]
-        indicator = csr_matrix(
-            (np.ones(len(c), np.float32), (c, np.arange(len(c)))), shape=(n_clusters, len(c))
-        )
-        sums += indicator @ np.asarray(X[start : start + _ASSIGN_ROWS], dtype=np.float32)
-    means = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+    if centers is None:
+        sums, sizes = center_sums(X, cluster, n_clusters)
+        centers = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+    else:
+        sizes = np.bincount(cluster, minlength=n_clusters)
+        centers = np.asarray(centers, dtype=np.float32)
+    c_sq = np.einsum("kd,kd->k", centers, centers)
     dist = np.empty(n, dtype=np.float32)
     for start in range(0, n, _ASSIGN_ROWS):
         rows = np.asarray(X[start : start + _ASSIGN_ROWS], dtype=np.float32)
-        diff = rows - means[cluster[start : start + _ASSIGN_ROWS]]
-        dist[start : start + len(rows)] = np.einsum("ij,ij->i", diff, diff)
-    order = np.lexsort((dist, cluster))
-    bounds = np.searchsorted(cluster[order], np.arange(n_clusters + 1))
-    return [
-        {
-            "cluster": c,
-            "size": int(sizes[c]),
-            "exemplars": [
-                ids[i] for i in order[bounds[c] : min(bounds[c + 1], bounds[c] + EXEMPLARS)]
-            ],
-        }
-        for c in range(n_clusters)
-    ]
+        c = cluster[start : start + len(rows)]
+        dist[start : start + len(rows)] = (
+            np.einsum("ij,ij->i", rows, rows)
+            - 2.0 * np.einsum("ij,ij->i", rows, centers[c])
+            + c_sq[c]
+        )
+    members = np.argsort(cluster, kind="stable")
+    bounds = np.searchsorted(cluster[members], np.arange(n_clusters + 1))
+    summary = []
+    for c in range(n_clusters):
+        rows = members[bounds[c] : bounds[c + 1]]
+        if len(rows) > 2 * EXEMPLARS:  # the cancellation in the identity is ~1e-6 relative
+            rows = np.sort(rows[np.argpartition(dist[rows], 2 * EXEMPLARS)[: 2 * EXEMPLARS]])
+        exact = ((np.asarray(X[rows], dtype=np.float64) - centers[c]) ** 2).sum(axis=1)
+        best = rows[np.argsort(exact, kind="stable")[:EXEMPLARS]]
+        summary.append({"cluster": c, "size": int(sizes[c]), "exemplars": [ids[i] for i in best]})
+    return summary
 
 
 def quality(snap: Snapshot, cluster: np.ndarray, n_clusters: int, seed: int) -> dict[str, Any]:
@@ -161,38 +179,22 @@ def quality(snap: Snapshot, cluster: np.ndarray, n_clusters: int, seed: int) -> 
     return metrics
 
 
-def _store_version(
-    ctx: JobContext,
-    job_id: str,
-    model_name: str,
-    est: BaseClusterer,
-    snap: Snapshot,
-    assignments: Assignments,
-    values: dict[str, Any],
-) -> int:
-    ctx.progress.stage("saving")
-    with tempfile.TemporaryDirectory(dir=ctx.cache.root) as tmp:
-        files = Path(tmp)
-        est.save(files)
-        assignments.save(files / ASSIGNMENTS_FILE)
-        return through_outage(
-            models_db.create_version,
-            ctx.engine,
-            model_name=model_name,
-            job_id=job_id,
-            files=files,
-            values={
-                "algorithm": est.name,
-                "params": est.get_params(),
-                "n_clusters": est.n_clusters_,
-                "dim": est.n_features_in_,
-                "dataset_id": snap.dataset_id,
-                "dataset_revision": snap.revision,
-                "item_count": len(snap.ids),
-                "k_selection": getattr(est, "k_selection_", None),
-                **values,
-            },
-        )
+class _Stages:
+    """Seconds spent in each stage of a job, logged when it ends (where the time of
+    a job beyond its fit goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
+        self._mark = now
+        return self.seconds[name]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.2f} s" for name, s in self.seconds.items())
 
 
 def _snapshot(ctx: JobContext, dataset_id: str) -> Snapshot:
@@ -203,14 +205,73 @@ def _snapshot(ctx: JobContext, dataset_id: str) -> Snapshot:
     return snap
 
 
+def _centers(est: BaseClusterer) -> np.ndarray | None:
+    """The estimator's centres when they lie in the input space (exemplars are then
+    the items closest to them, found without computing the cluster means)."""
+    return est.cluster_centers_ if est.centers_in_input_space else None
+
+
 def _attach(est: BaseClusterer, ctx: JobContext) -> None:
     est.device = ctx.device
     est.progress_callback = ctx.progress
     est.cancel_check = ctx.cancel_check
 
 
+def _store_result(
+    ctx: JobContext,
+    job_id: str,
+    model_name: str,
+    est: BaseClusterer,
+    snap: Snapshot,
+    stages: _Stages,
+    values: dict[str, Any],
+    old: Assignments | None = None,
+) -> int:
+    """Assign every item, score and summarise the clusters, and store the version
+    (with the stability report against ``old``, the parent's assignments)."""
+    ctx.progress.stage("assigning")
+    cluster, probability = assign(est, snap.X)
+    k = est.n_clusters_
+    stages.lap("assign")
+    values["metrics"] = quality(snap, cluster, k, est.random_state)
+    stages.lap("metrics")
+    values["clusters"] = summarize_clusters(snap.X, cluster, snap.ids, k, _centers(est))
+    stages.lap("summaries")
+    if old is not None:
+        values["stability"] = stability(old, snap.ids, cluster, k, getattr(est, "update_info_", {}))
+        stages.lap("stability")
+    ctx.progress.stage("saving")
+    with tempfile.TemporaryDirectory(dir=ctx.cache.root) as tmp:
+        files = Path(tmp)
+        est.save(files)
+        Assignments(snap.ids, cluster, probability).save(files / ASSIGNMENTS_FILE)
+        stages.lap("files")
+        version = through_outage(
+            models_db.create_version,
+            ctx.engine,
+            model_name=model_name,
+            job_id=job_id,
+            files=files,
+            values={
+                "algorithm": est.name,
+                "params": est.get_params(),
+                "n_clusters": k,
+                "dim": est.n_features_in_,
+                "dataset_id": snap.dataset_id,
+                "dataset_revision": snap.revision,
+                "item_count": len(snap.ids),
+                "k_selection": getattr(est, "k_selection_", None),
+                **values,
+            },
+        )
+    stages.lap("store")
+    log.info("job %s stored %s version %d: %s", job_id, model_name, version, stages)
+    return version
+
+
 def train(ctx: JobContext, job_id: str, spec: dict[str, Any]) -> int:
     """Fit ``spec["algorithm"]`` on the dataset; returns the new version number."""
+    stages = _Stages()
     snap = _snapshot(ctx, spec["dataset_id"])
     est = create(
         spec["algorithm"],
@@ -219,32 +280,20 @@ def train(ctx: JobContext, job_id: str, spec: dict[str, Any]) -> int:
         **spec.get("params", {}),
     )
     _attach(est, ctx)
-    started = time.perf_counter()
+    stages.lap("load")
     est.fit(snap.X)
-    fit_seconds = time.perf_counter() - started
-    ctx.progress.stage("assigning")
-    cluster, probability = assign(est, snap.X)
-    k = est.n_clusters_
-    return _store_version(
-        ctx,
-        job_id,
-        spec["model_name"],
-        est,
-        snap,
-        Assignments(snap.ids, cluster, probability),
-        {
-            "parent_version": None,
-            "next_cluster_id": k,
-            "metrics": quality(snap, cluster, k, est.random_state),
-            "stability": None,
-            "clusters": summarize_clusters(snap.X, cluster, snap.ids, k),
-            "fit_seconds": fit_seconds,
-        },
-    )
+    values = {
+        "parent_version": None,
+        "next_cluster_id": est.n_clusters_,
+        "stability": None,
+        "fit_seconds": stages.lap("fit"),
+    }
+    return _store_result(ctx, job_id, spec["model_name"], est, snap, stages, values)
 
 
 def update(ctx: JobContext, job_id: str, spec: dict[str, Any]) -> int:
     """Update the parent version on its dataset's current items; returns the new version."""
+    stages = _Stages()
     parent = models_db.resolve(ctx.engine, spec["model_name"], spec.get("from_version"))
     dataset_id = spec.get("dataset_id") or parent.dataset_id
     ctx.progress.stage("loading")
@@ -259,33 +308,19 @@ def update(ctx: JobContext, job_id: str, spec: dict[str, Any]) -> int:
         )
     _attach(est, ctx)
     params = dict(spec.get("params", {}))
-    started = time.perf_counter()
+    stages.lap("load")
     est.update(
         snap.X,
         max_epochs=params.pop("max_epochs", None),
         max_centroid_shift=params.pop("max_centroid_shift", None),
         **params,
     )
-    fit_seconds = time.perf_counter() - started
-    ctx.progress.stage("assigning")
-    cluster, probability = assign(est, snap.X)
-    k = est.n_clusters_
-    return _store_version(
-        ctx,
-        job_id,
-        parent.model_name,
-        est,
-        snap,
-        Assignments(snap.ids, cluster, probability),
-        {
-            "parent_version": parent.version,
-            "next_cluster_id": max(parent.next_cluster_id, k),
-            "metrics": quality(snap, cluster, k, est.random_state),
-            "stability": stability(old, snap.ids, cluster, k, getattr(est, "update_info_", {})),
-            "clusters": summarize_clusters(snap.X, cluster, snap.ids, k),
-            "fit_seconds": fit_seconds,
-        },
-    )
+    values = {
+        "parent_version": parent.version,
+        "next_cluster_id": max(parent.next_cluster_id, est.n_clusters_),
+        "fit_seconds": stages.lap("fit"),
+    }
+    return _store_result(ctx, job_id, parent.model_name, est, snap, stages, values, old)
 
 
 def stability(

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from clustering_service.config import Settings
 from clustering_service.jobs.queue import QUEUE, make_app, recover_stalled
 from clustering_service.jobs.runner import JobRunner
+from clustering_service.jobs.train import preload
 from clustering_service.store.cache import CacheDir
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ async def run_worker(
         worker=worker_name(),
         max_attempts=settings.job_max_attempts,
     )
+    await asyncio.to_thread(preload)
     async with app.open_async():
         sweeper = asyncio.create_task(_sweep(app, engine, settings))
         try:

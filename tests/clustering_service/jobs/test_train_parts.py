@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from clustering_service.algorithms import create
 from clustering_service.jobs.train import (
@@ -67,6 +68,32 @@ def test_dec_assignments_from_its_last_pass_are_what_predict_answers() -> None:
         proba = est.predict_proba(data)
         np.testing.assert_array_equal(cluster, proba.argmax(axis=1), err_msg=step)
         np.testing.assert_allclose(probability, proba.max(axis=1), rtol=1e-6, err_msg=step)
+
+
+@pytest.mark.parametrize(
+    ("n", "spherical"), [(600, False), (600, True), (25_000, False)], ids=["small", "sph", "large"]
+)
+def test_kmeans_probabilities_from_its_final_pass_are_what_predict_answers(
+    n: int, spherical: bool
+) -> None:
+    """k-means computes each row's probability in its final assignment pass (its
+    temperature is known before it), on scikit-learn's path (<= 20,000 rows) and on
+    its own subsampled one; exemplars from its centres are the members closest to them."""
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((n, 6)) + 3 * rng.integers(0, 4, (n, 1))).astype(np.float32)
+    est = create("kmeans", n_clusters=5, n_init=2, spherical=spherical).fit(X)
+    assert est.labels_proba_ is not None
+    cluster, probability = assign(est, X)
+    proba = est.predict_proba(X)
+    np.testing.assert_array_equal(cluster, proba.argmax(axis=1))
+    np.testing.assert_allclose(probability, proba.max(axis=1), rtol=1e-5)
+    ids = [str(i) for i in range(n)]
+    by_centre = summarize_clusters(X, cluster, ids, 5, est.cluster_centers_)
+    for c, entry in enumerate(by_centre):
+        members = np.flatnonzero(cluster == c)
+        d = ((X[members].astype(np.float64) - est.cluster_centers_[c]) ** 2).sum(axis=1)
+        expected = [ids[i] for i in members[np.argsort(d, kind="stable")[:EXEMPLARS]]]
+        assert entry["exemplars"] == expected and entry["size"] == len(members)
 
 
 def test_stability_counts_shared_items_only() -> None:

@@ -1,8 +1,9 @@
 """Item vectors in PostgreSQL: idempotent all-or-nothing inserts, snapshots read by
-binary COPY, and the checksummed snapshot cache."""
+binary rows, and the checksummed snapshot cache."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,21 @@ def test_snapshot_round_trip_in_insertion_order(engine: Engine, dataset_id: str)
     np.testing.assert_array_equal(snap.X, new.vectors)
     assert list(snap.labels[:4]) == ["0", "1", "2", "0"]
     assert np.all(np.diff(snap.pks) > 0)
+
+
+def test_a_corrupted_vector_fails_the_snapshot_cleanly(engine: Engine, dataset_id: str) -> None:
+    """A stored vector of the wrong length is named, the block reader stops (no thread
+    left behind on the connection) and the engine's connections stay usable."""
+    add_items(engine, dataset_id, _items(40_000, 8))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE items SET vector = '\\x00' WHERE dataset_id = %(d)s AND item_id = 'i5'",
+            {"d": dataset_id},
+        )
+    with pytest.raises(RuntimeError, match="corrupted"):
+        load_snapshot(engine, dataset_id)
+    assert not [t for t in threading.enumerate() if t.name == f"read {dataset_id}"]
+    assert datasets.get(engine, dataset_id)["count"] == 40_000
 
 
 def test_deleted_items_leave_the_snapshot(engine: Engine, dataset_id: str) -> None:
