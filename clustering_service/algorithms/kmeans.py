@@ -426,14 +426,16 @@ def _dist2_to(X: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> np.ndar
     return out
 
 
-def center_sums(X: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def center_sums(
+    X: np.ndarray, labels: np.ndarray, k: int, batch_size: int = ASSIGN_BATCH
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster sums (k, d) float64 and counts (k,), chunked over X."""
     from scipy import sparse
 
     d = X.shape[1]
     sums = np.zeros((k, d), dtype=np.float64)
-    for start in range(0, X.shape[0], ASSIGN_BATCH):
-        chunk = np.asarray(X[start : start + ASSIGN_BATCH], dtype=np.float32)
+    for start in range(0, X.shape[0], batch_size):
+        chunk = np.asarray(X[start : start + batch_size], dtype=np.float32)
         rows = labels[start : start + len(chunk)]
         if d <= _BINCOUNT_MAX_DIM:  # one bincount per column beats building a sparse matrix
             for j in range(d):

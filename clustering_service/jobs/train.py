@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 ASSIGNMENTS_FILE = "assignments.safetensors"
 #: rows per predict_proba call when assigning a snapshot (bounds memory at n x k)
 _ASSIGN_ROWS = 65536
+#: rows per chunk of the summaries' passes: small enough that the temporaries
+#: stay in cache and out of fresh mmaps (1M x 384: 0.5 s a pass against 0.9 s at 64k)
+_SUMMARY_ROWS = 8192
 #: item ids listed per cluster in the summary
 EXEMPLARS = 8
 #: rows of the seeded sample the silhouette is computed on: its cost grows with the
@@ -44,10 +47,15 @@ SILHOUETTE_SAMPLE = 3000
 
 
 def preload() -> None:
-    """Import what a job's scoring needs (scikit-learn's metrics, about 1.5 s), so
-    that a worker's first job does not pay for it."""
+    """Import every algorithm (torch for the deep ones: 1.1 s) and what a job's
+    scoring needs (scikit-learn's metrics: 1.5 s), so that no job pays for them."""
     import scipy.sparse  # noqa: F401
     import sklearn.metrics  # noqa: F401
+
+    from clustering_service.algorithms.registry import ALGORITHMS, get_class
+
+    for name in ALGORITHMS:
+        get_class(name)
 
 
 @dataclass
@@ -132,15 +140,15 @@ def summarize_clusters(
     n = X.shape[0]
     cluster = cluster.astype(np.int64)
     if centers is None:
-        sums, sizes = center_sums(X, cluster, n_clusters)
+        sums, sizes = center_sums(X, cluster, n_clusters, _SUMMARY_ROWS)
         centers = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
     else:
         sizes = np.bincount(cluster, minlength=n_clusters)
         centers = np.asarray(centers, dtype=np.float32)
     c_sq = np.einsum("kd,kd->k", centers, centers)
     dist = np.empty(n, dtype=np.float32)
-    for start in range(0, n, _ASSIGN_ROWS):
-        rows = np.asarray(X[start : start + _ASSIGN_ROWS], dtype=np.float32)
+    for start in range(0, n, _SUMMARY_ROWS):
+        rows = np.asarray(X[start : start + _SUMMARY_ROWS], dtype=np.float32)
         c = cluster[start : start + len(rows)]
         dist[start : start + len(rows)] = (
             np.einsum("ij,ij->i", rows, rows)

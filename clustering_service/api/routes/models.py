@@ -71,7 +71,8 @@ def set_alias(name: NamePath, alias: NamePath, body: AliasSet, engine: EngineDep
     "/{name}/versions/{version}/clusters", response_model=Clusters, responses=errors(401, 404)
 )
 def get_clusters(name: NamePath, version: int, engine: EngineDep) -> dict:
-    """Size and exemplar item ids (closest to the cluster's mean) of every cluster."""
+    """Size and exemplar item ids of every cluster: the items closest to its centre
+    (k-means') or to the mean of its items (the other methods)."""
     row = models_db.resolve(engine, name, version)
     return {"model_name": name, "version": row.version, "clusters": row.clusters}
 
