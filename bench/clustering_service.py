@@ -1,6 +1,7 @@
 """The clustering service's performance targets, each a comparison made in one run.
 
     python bench/clustering_service.py [--quick] [--json PATH] [--parts images vectors jobs predict]
+        [--job-cases kmeans_cold kmeans_warm dec_warm]
 
 * **images**: ingest of images through both services (``POST
   /v1/datasets/{id}/items``: the clustering service calls the embedding
@@ -15,7 +16,8 @@
   minus the fit itself (the version records ``fit_seconds``, the estimator's
   ``fit`` on the in-memory array): loading the vectors from PostgreSQL (cold)
   or the worker's verified local cache (warm), assigning every item, metrics,
-  saving the version and its assignments. Targets: <= 15 s cold, <= 3 s warm;
+  saving the version and its assignments (the worker logs each stage's seconds;
+  the result holds that line per job). Targets: <= 15 s cold, <= 3 s warm;
   the worker's peak RSS (VmHWM) <= 3x the data size.
 * **predict**: requests/s and p50/p99 latency for 1 and 100 embeddings per
   request against a cached model. Target: p50 for one embedding <= 10 ms.
