@@ -34,7 +34,7 @@ import pytest
 
 from shared.clustering_client import ClusteringClient
 from tests.support.clustering import Clustering, vector_items
-from tests.support.processes import free_port, private_dir, stop_postmaster
+from tests.support.processes import free_port, private_dir, process_alive, stop_postmaster
 
 PG_BIN = Path(os.environ.get("DINOCLUSTER_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -111,8 +111,9 @@ def restart_embedded(pgdata: Path, down_seconds: float = 0.0) -> None:
     the way the service does (pgserver, same socket, same data)."""
     from pgserver.postgres_server import PostgresServer
 
-    stop_postmaster(pgdata)
-    assert not (pgdata / "postmaster.pid").exists(), "the embedded PostgreSQL did not stop"
+    pid = stop_postmaster(pgdata)
+    assert pid is not None and not process_alive(pid), "the embedded PostgreSQL did not stop"
+    # the service may start it again before down_seconds are over: that is its job
     time.sleep(down_seconds)
     # a new handle (get_server would return this process's cached one) starts it under
     # pgserver's inter-process lock, so it cannot race a service restarting it too

@@ -39,19 +39,38 @@ def wait_ready(
     raise TimeoutError(f"{base_url} not ready after {timeout} s")
 
 
-def stop_postmaster(pgdata: Path) -> None:
-    """Stop the embedded PostgreSQL a clustering service left running in ``pgdata``."""
+def stop_postmaster(pgdata: Path, timeout: float = 30.0) -> int | None:
+    """Stop the embedded PostgreSQL a clustering service left running in ``pgdata``
+    (fast shutdown); returns the pid it had, None when none ran.
+
+    Waits for that process to exit, not for ``postmaster.pid`` to go: a running
+    service starts its embedded PostgreSQL again within seconds
+    (``EMBEDDED_WATCH_SECONDS``) and writes a new pid file, which raced the file
+    check (the restart test failed once that way in CI).
+    """
     pid_file = pgdata / "postmaster.pid"
-    if pid_file.exists():
+    try:
         pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        return None
+    deadline = time.monotonic() + timeout
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
         try:
-            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+            os.kill(pid, 0)
         except ProcessLookupError:
-            return
-        for _ in range(100):
-            if not pid_file.exists():
-                return
-            time.sleep(0.1)
+            return False
+        return True
+    return state != "Z"
 
 
 class ServiceProcess:
