@@ -102,6 +102,7 @@ MAX_AUTO_EPOCHS = 2000
 #: iterations between cancel checks inside an epoch (an epoch over 1M rows is long)
 _CANCEL_EVERY = 200
 UPDATE_STRATEGIES = ("move_centroids", "refit_target")
+PRETRAIN_MODES = ("end_to_end", "layerwise")
 NOISE_KINDS = ("mask", "gaussian")
 INIT_SPACES = ("latent", "input")
 
@@ -192,6 +193,15 @@ class DEC(BaseClusterer):
         probability ``noise_level``) or ``"gaussian"`` (add noise of std
         ``noise_level``; standardised input has per-dimension RMS 1).
     noise_level : corruption strength for pre-training.
+    pretrain : ``"end_to_end"`` (default): the whole autoencoder is trained on
+        corrupted input; ``"layerwise"`` (the paper's): each encoder layer and
+        its mirror in the decoder are first trained alone as a one-layer
+        denoising autoencoder of the (frozen) layers below, with dropout of rate
+        ``noise_level`` on their input and hidden units, for half of
+        ``pretrain_epochs`` each; then the stacked autoencoder is fine-tuned for
+        ``pretrain_epochs`` without corruption. End-to-end training with masking
+        noise left the 10-d latent of MNIST's d-500-500-2000-10 network at about
+        0.6 ACC under k-means; docs/benchmarks/dec.md has the comparison.
     pretrain_epochs : autoencoder epochs; None: ``ceil(PRETRAIN_SAMPLES / N)``
         clipped to [1, MAX_AUTO_EPOCHS] (about 4000 steps; 1 epoch from 1M rows).
     batch_size : mini-batch size of both stages.
@@ -235,6 +245,7 @@ class DEC(BaseClusterer):
         latent_dim: int = 10,
         noise: str = "mask",
         noise_level: float = 0.2,
+        pretrain: str = "end_to_end",
         pretrain_epochs: int | None = None,
         batch_size: int = 256,
         lr: float = 1e-3,
@@ -261,6 +272,7 @@ class DEC(BaseClusterer):
         self.latent_dim = latent_dim
         self.noise = noise
         self.noise_level = noise_level
+        self.pretrain = pretrain
         self.pretrain_epochs = pretrain_epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -303,6 +315,14 @@ class DEC(BaseClusterer):
         if self.noise == "mask" and not 0.0 <= self.noise_level < 1.0:
             raise ClusteringInputError(
                 f"noise_level must be in [0, 1) for masking noise, got {self.noise_level!r}"
+            )
+        if self.pretrain not in PRETRAIN_MODES:
+            raise ClusteringInputError(
+                f"pretrain must be one of {PRETRAIN_MODES}, got {self.pretrain!r}"
+            )
+        if self.pretrain == "layerwise" and not 0.0 <= self.noise_level < 1.0:
+            raise ClusteringInputError(
+                f"noise_level must be in [0, 1) for layer-wise dropout, got {self.noise_level!r}"
             )
         if self.init_space not in INIT_SPACES:
             raise ClusteringInputError(
@@ -420,8 +440,18 @@ class DEC(BaseClusterer):
 
     # -- stage 1: autoencoder --------------------------------------------------
     def _pretrain(self, X: np.ndarray, gen: torch.Generator) -> float:
+        """Stage 1; returns the last epoch's mean reconstruction loss."""
+        epochs = self._auto_epochs(self.pretrain_epochs, PRETRAIN_SAMPLES, X.shape[0])
+        if self.pretrain == "layerwise":
+            self._pretrain_layers(X, gen, max(1, epochs // 2))
+            return self._train_autoencoder(X, gen, epochs, corrupt=False, stage="finetune")
+        return self._train_autoencoder(X, gen, epochs, corrupt=True, stage="pretrain")
+
+    def _train_autoencoder(
+        self, X: np.ndarray, gen: torch.Generator, epochs: int, *, corrupt: bool, stage: str
+    ) -> float:
+        """``epochs`` of MSE between the decoded (optionally corrupted) input and the input."""
         n = X.shape[0]
-        epochs = self._auto_epochs(self.pretrain_epochs, PRETRAIN_SAMPLES, n)
         steps = math.ceil(n / self.batch_size)
         opt = torch.optim.Adam(self.ae_.parameters(), lr=self.lr)
         batches = self._batches(n, gen)
@@ -432,7 +462,8 @@ class DEC(BaseClusterer):
             with _step_threads(self.device_):
                 for step in range(steps):
                     xs = self.ae_.standardize(self._to_tensor(X[next(batches)]))
-                    rec = self.ae_.decoder(self.ae_.encoder(self._corrupt(xs, gen)))
+                    noisy = self._corrupt(xs, gen) if corrupt else xs
+                    rec = self.ae_.decoder(self.ae_.encoder(noisy))
                     loss = F.mse_loss(rec, xs)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -441,8 +472,61 @@ class DEC(BaseClusterer):
                     if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
                         self._check_cancel()
             loss_mean = total / steps
-            self._report("pretrain", epoch, epochs, loss_mean)
+            self._report(stage, epoch, epochs, loss_mean)
         return loss_mean
+
+    def _dropout(self, h: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Dropout of rate ``noise_level`` (kept units scaled by 1 / (1 - rate))."""
+        if self.noise_level == 0:
+            return h
+        keep = (torch.rand(h.shape, generator=gen) >= self.noise_level).to(h.device)
+        return h * keep / (1.0 - self.noise_level)
+
+    def _pretrain_layers(self, X: np.ndarray, gen: torch.Generator, epochs: int) -> None:
+        """Greedy layer-wise pre-training (Xie et al. 2016, section 3.2): encoder
+        layer i and decoder layer L-1-i form a one-hidden-layer denoising
+        autoencoder of the output of encoder layers 0..i-1 (frozen), with dropout
+        on its input and its hidden units. The activations are those of the
+        stacked network: ReLU everywhere except the latent layer and the
+        reconstruction of the data."""
+        n = X.shape[0]
+        steps = math.ceil(n / self.batch_size)
+        enc = self.ae_.encoder  # [Linear, ReLU] * (L - 1) + [Linear]
+        dec = self.ae_.decoder
+        n_layers = len(self.hidden_dims) + 1
+        batches = self._batches(n, gen)
+        self.ae_.train()
+        for i in range(n_layers):
+            e_lin, d_lin = enc[2 * i], dec[2 * (n_layers - 1 - i)]
+            opt = torch.optim.Adam([*e_lin.parameters(), *d_lin.parameters()], lr=self.lr)
+            for epoch in range(1, epochs + 1):
+                total = 0.0
+                with _step_threads(self.device_):
+                    for step in range(steps):
+                        xs = self.ae_.standardize(self._to_tensor(X[next(batches)]))
+                        with torch.no_grad():
+                            h = enc[: 2 * i](xs)
+                        z = e_lin(self._dropout(h, gen))
+                        if i < n_layers - 1:
+                            z = F.relu(z)
+                        rec = d_lin(self._dropout(z, gen))
+                        if i > 0:
+                            rec = F.relu(rec)
+                        loss = F.mse_loss(rec, h)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        total += float(loss.detach())
+                        if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
+                            self._check_cancel()
+                self._report(
+                    "pretrain_layer",
+                    epoch,
+                    epochs,
+                    total / steps,
+                    layer=i + 1,
+                    layers=n_layers,
+                )
 
     # -- stage 3: clustering (fit and update) ----------------------------------
     def _cluster(

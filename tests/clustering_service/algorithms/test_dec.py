@@ -275,3 +275,40 @@ def test_init_space_input_starts_from_the_kmeans_partition(small_digits):
     assert paper.labels_.shape == (X.shape[0],)
     with pytest.raises(ClusteringInputError, match="init_space"):
         DEC(n_clusters=5, init_space="pixels").fit(X)
+
+
+def test_layerwise_pretraining_trains_each_layer_then_the_stack(small_digits):
+    """``pretrain="layerwise"`` (the paper's): every encoder/decoder pair is
+    trained alone, in order, before the whole stack is fine-tuned; a layer's
+    weights move only during its own stage and the fine-tuning."""
+    X, y = small_digits
+    params = {**TINY, "pretrain_epochs": 4, "hidden_dims": [32, 32]}
+    snapshots: dict[int, list[torch.Tensor]] = {}
+    events = []
+    model = DEC(n_clusters=5, pretrain="layerwise", init_space="latent", **params)
+
+    def record(event):
+        events.append(event)
+        if event.stage == "pretrain_layer" and event.epoch == event.epochs:
+            linears = [m for m in model.ae_.encoder if isinstance(m, torch.nn.Linear)]
+            snapshots[event.extra["layer"]] = [m.weight.detach().clone() for m in linears]
+
+    model.progress_callback = record
+    model.fit(X)
+    stages = [(e.stage, e.extra.get("layer")) for e in events]
+    layer_stages = [s for s in stages if s[0] == "pretrain_layer"]
+    # 3 linear layers (32, 32, latent), half of pretrain_epochs each, in order
+    assert layer_stages == [("pretrain_layer", i) for i in (1, 2, 3) for _ in range(2)]
+    assert [e.epoch for e in events if e.stage == "finetune"] == [1, 2, 3, 4]
+    assert stages.index(("finetune", None)) > stages.index(("pretrain_layer", 3))
+    # layer 1 is frozen while layer 2 trains; layer 3 is untouched until its turn
+    assert torch.equal(snapshots[1][0], snapshots[2][0])
+    assert not torch.equal(snapshots[1][1], snapshots[2][1])
+    assert torch.equal(snapshots[1][2], snapshots[2][2])
+    assert not torch.equal(snapshots[2][2], snapshots[3][2])
+    assert np.isfinite(model.pretrain_loss_)
+    assert clustering_accuracy(y, model.labels_) > 0.4  # chance is 0.2
+    with pytest.raises(ClusteringInputError, match="pretrain must be one of"):
+        DEC(n_clusters=5, pretrain="greedy").fit(X)
+    with pytest.raises(ClusteringInputError, match="layer-wise dropout"):
+        DEC(n_clusters=5, pretrain="layerwise", noise="gaussian", noise_level=1.5).fit(X)
