@@ -9,7 +9,10 @@ Three stages:
    embeddings alike. An MLP encoder ``d -> hidden_dims -> latent_dim`` and a
    mirrored decoder are trained with MSE on corrupted input (masking noise:
    each standardised value set to 0, the mean, with probability
-   ``noise_level``; or Gaussian noise of that std).
+   ``noise_level``; or Gaussian noise of that std). ``pretrain="layerwise"``
+   is the paper's schedule instead: each encoder/decoder pair is trained alone
+   as a denoising autoencoder (dropout) of the frozen layers below it, then
+   the stack is fine-tuned without corruption.
 2. **Initial centres.** ``init_space="input"`` (default): k-means
    (``kmeans_n_init`` restarts, best by inertia) on X itself, i.e. the
    partition of the k-means baseline, and the centres are its clusters' mean
