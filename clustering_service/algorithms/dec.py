@@ -202,9 +202,9 @@ class DEC(BaseClusterer):
         denoising autoencoder of the (frozen) layers below, with dropout of rate
         ``noise_level`` on their input and hidden units, for half of
         ``pretrain_epochs`` each; then the stacked autoencoder is fine-tuned for
-        ``pretrain_epochs`` without corruption. End-to-end training with masking
-        noise left the 10-d latent of MNIST's d-500-500-2000-10 network at about
-        0.6 ACC under k-means; docs/benchmarks/dec.md has the comparison.
+        ``pretrain_epochs`` without corruption. On 10,000 real MNIST digits both
+        schedules gave 0.60-0.73 ACC at the budgets tried here, against 0.53
+        for k-means (docs/benchmarks/dec.md).
     pretrain_epochs : autoencoder epochs; None: ``ceil(PRETRAIN_SAMPLES / N)``
         clipped to [1, MAX_AUTO_EPOCHS] (about 4000 steps; 1 epoch from 1M rows).
     batch_size : mini-batch size of both stages.
@@ -454,9 +454,28 @@ class DEC(BaseClusterer):
         self, X: np.ndarray, gen: torch.Generator, epochs: int, *, corrupt: bool, stage: str
     ) -> float:
         """``epochs`` of MSE between the decoded (optionally corrupted) input and the input."""
+
+        def loss(xs: torch.Tensor) -> torch.Tensor:
+            noisy = self._corrupt(xs, gen) if corrupt else xs
+            return F.mse_loss(self.ae_.decoder(self.ae_.encoder(noisy)), xs)
+
+        return self._epochs(X, gen, epochs, self.ae_.parameters(), loss, stage)
+
+    def _epochs(
+        self,
+        X: np.ndarray,
+        gen: torch.Generator,
+        epochs: int,
+        params: Iterator[nn.Parameter],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        stage: str,
+        **extra: Any,
+    ) -> float:
+        """``epochs`` passes of Adam on ``loss_fn(standardised batch)`` over ``params``,
+        one progress event per epoch; returns the last epoch's mean loss."""
         n = X.shape[0]
         steps = math.ceil(n / self.batch_size)
-        opt = torch.optim.Adam(self.ae_.parameters(), lr=self.lr)
+        opt = torch.optim.Adam(params, lr=self.lr)
         batches = self._batches(n, gen)
         self.ae_.train()
         loss_mean = float("nan")
@@ -464,10 +483,7 @@ class DEC(BaseClusterer):
             total = 0.0
             with _step_threads(self.device_):
                 for step in range(steps):
-                    xs = self.ae_.standardize(self._to_tensor(X[next(batches)]))
-                    noisy = self._corrupt(xs, gen) if corrupt else xs
-                    rec = self.ae_.decoder(self.ae_.encoder(noisy))
-                    loss = F.mse_loss(rec, xs)
+                    loss = loss_fn(self.ae_.standardize(self._to_tensor(X[next(batches)])))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -475,7 +491,7 @@ class DEC(BaseClusterer):
                     if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
                         self._check_cancel()
             loss_mean = total / steps
-            self._report(stage, epoch, epochs, loss_mean)
+            self._report(stage, epoch, epochs, loss_mean, **extra)
         return loss_mean
 
     def _dropout(self, h: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -492,44 +508,28 @@ class DEC(BaseClusterer):
         on its input and its hidden units. The activations are those of the
         stacked network: ReLU everywhere except the latent layer and the
         reconstruction of the data."""
-        n = X.shape[0]
-        steps = math.ceil(n / self.batch_size)
         enc = self.ae_.encoder  # [Linear, ReLU] * (L - 1) + [Linear]
         dec = self.ae_.decoder
         n_layers = len(self.hidden_dims) + 1
-        batches = self._batches(n, gen)
-        self.ae_.train()
         for i in range(n_layers):
             e_lin, d_lin = enc[2 * i], dec[2 * (n_layers - 1 - i)]
-            opt = torch.optim.Adam([*e_lin.parameters(), *d_lin.parameters()], lr=self.lr)
-            for epoch in range(1, epochs + 1):
-                total = 0.0
-                with _step_threads(self.device_):
-                    for step in range(steps):
-                        xs = self.ae_.standardize(self._to_tensor(X[next(batches)]))
-                        with torch.no_grad():
-                            h = enc[: 2 * i](xs)
-                        z = e_lin(self._dropout(h, gen))
-                        if i < n_layers - 1:
-                            z = F.relu(z)
-                        rec = d_lin(self._dropout(z, gen))
-                        if i > 0:
-                            rec = F.relu(rec)
-                        loss = F.mse_loss(rec, h)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        total += float(loss.detach())
-                        if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
-                            self._check_cancel()
-                self._report(
-                    "pretrain_layer",
-                    epoch,
-                    epochs,
-                    total / steps,
-                    layer=i + 1,
-                    layers=n_layers,
-                )
+            below = enc[: 2 * i]
+
+            def loss(xs: torch.Tensor, i=i, e_lin=e_lin, d_lin=d_lin, below=below) -> torch.Tensor:
+                with torch.no_grad():
+                    h = below(xs)
+                z = e_lin(self._dropout(h, gen))
+                if i < n_layers - 1:
+                    z = F.relu(z)
+                rec = d_lin(self._dropout(z, gen))
+                if i > 0:
+                    rec = F.relu(rec)
+                return F.mse_loss(rec, h)
+
+            params = [*e_lin.parameters(), *d_lin.parameters()]
+            self._epochs(
+                X, gen, epochs, params, loss, "pretrain_layer", layer=i + 1, layers=n_layers
+            )
 
     # -- stage 3: clustering (fit and update) ----------------------------------
     def _cluster(
