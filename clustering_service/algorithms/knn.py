@@ -18,9 +18,21 @@ CELL_ROWS = 1024
 PROBES = 4
 
 
-def nearest_neighbors(feats: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+def nearest_neighbors(
+    feats: np.ndarray,
+    n_neighbors: int,
+    seed: int,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """``n_neighbors`` nearest neighbours of every row (cosine; rows are unit vectors),
-    excluding the row itself: int64 (n, n_neighbors).
+    excluding the row itself and its exact copies: int64 (n, n_neighbors).
+
+    Copies of a row (the same image uploaded twice) would otherwise fill its
+    neighbour list, and a positive pair of two identical inputs teaches nothing:
+    neighbours are searched among the distinct rows (the first row of each group
+    of copies stands for it), so every neighbour is a different vector. With
+    fewer distinct rows than ``n_neighbors + 1``, the list is padded with the row
+    itself. ``groups``: :func:`distinct_rows` of ``feats`` if the caller has it.
 
     Exact up to :data:`EXACT_MAX_ROWS` rows. Beyond, approximate and linear
     in n: the rows are split into cells of about :data:`CELL_ROWS` rows by a coarse
@@ -30,6 +42,14 @@ def nearest_neighbors(feats: np.ndarray, n_neighbors: int, seed: int) -> np.ndar
     """
     n = feats.shape[0]
     kk = min(n_neighbors, n - 1)
+    first, inverse = distinct_rows(feats) if groups is None else groups
+    if len(first) < n:
+        found = nearest_neighbors(feats[first], n_neighbors, seed)
+        out = first[found][inverse]
+        if out.shape[1] < kk:  # too few distinct rows: pad with the row itself
+            own = np.arange(n)[:, None].repeat(kk - out.shape[1], axis=1)
+            out = np.concatenate([out, own], axis=1)
+        return out
     if n <= EXACT_MAX_ROWS:
         base = torch.from_numpy(np.ascontiguousarray(feats))
         return knn_among(base, 0, base, 0, kk)
@@ -61,6 +81,23 @@ def nearest_neighbors(feats: np.ndarray, n_neighbors: int, seed: int) -> np.ndar
     out = np.empty((n, kk), dtype=np.int64)
     out[order] = order[local]
     return out
+
+
+def distinct_rows(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of identical rows: ``(first, inverse)``, ``first`` the index of the first
+    row of each group (ascending), ``inverse`` (n,) the group of every row, so that
+    ``feats[first][inverse]`` equals ``feats``. A hash of each row's bytes answers
+    the common case (no copies) in one pass; only then are the rows sorted."""
+    n = feats.shape[0]
+    rows = np.ascontiguousarray(feats)
+    if len({hash(row.tobytes()) for row in rows}) == n:
+        return np.arange(n), np.arange(n)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # groups numbered by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.ravel()]
 
 
 def knn_among(

@@ -8,7 +8,9 @@ a clustering in which an item and its nearest neighbours agree. Stages:
 1. **Space and neighbours.** Rows are centred (stored mean vector) and
    L2-normalised; the ``n_neighbors`` nearest neighbours of every row (cosine)
    are mined once (:func:`~clustering_service.algorithms.knn.nearest_neighbors`:
-   exact up to 50k rows, cell-restricted beyond).
+   exact up to 50k rows, cell-restricted beyond), among the distinct rows (a
+   row's copies are never its neighbours), at most half the average cluster
+   size ``n_distinct / (2 k)`` of them.
 2. **Initial partitions.** Each row is averaged with its neighbours
    (``smooth_steps`` rounds of ``z <- normalise((z + mean of its neighbours) /
    2)``, a diffusion over the kNN graph that pulls an item toward its local
@@ -30,8 +32,9 @@ a clustering in which an item and its nearest neighbours agree. Stages:
    looked at.
 5. **Self-labelling** (``self_label_epochs``): the kept head is trained with
    cross-entropy on its own confident predictions (max probability >=
-   ``confidence``), class-balanced, the input replaced by a random neighbour
-   with probability ``neighbor_prob``.
+   ``confidence``; in a cluster where fewer than half of the items reach it, its
+   more confident half: :func:`self_label_targets`), class-balanced, the input
+   replaced by a random neighbour with probability ``neighbor_prob``.
 
 Clustering space: the unit projection ``f``. ``cluster_centers_`` are the kept
 head's unit prototypes there, shape ``(n_clusters_, proj_dim)``;
@@ -63,7 +66,7 @@ from torch import nn
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
-from clustering_service.algorithms.knn import nearest_neighbors
+from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors
 from clustering_service.algorithms.nn import (
     INFERENCE_BATCH,
     load_numpy_state,
@@ -135,6 +138,26 @@ def scan_loss(
     return consistency - entropy_weight * entropy, consistency, entropy
 
 
+def self_label_targets(P: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Self-labels from the probabilities P (n, k): (n,) the argmax where its
+    probability reaches ``confidence``, -1 elsewhere; in a cluster where fewer than
+    half of the items reach it, its more confident half (probability >= the
+    cluster's median) instead. Every cluster thus keeps targets: with a global
+    threshold alone, a large spread-out cluster can have none, and two epochs
+    moved all 950 items of such a cluster into a compact one of 50
+    (docs/benchmarks/neighbors.md, seventh round)."""
+    conf, label = P.max(-1)
+    k = P.shape[1]
+    counts = torch.bincount(label, minlength=k)
+    # per-cluster medians: sort by (label, confidence), take each segment's middle
+    order = torch.argsort(label.double() + 0.5 * conf.double())
+    starts = torch.cumsum(counts, 0) - counts
+    middle = (starts + (counts - 1).clamp_min(0) // 2).clamp(max=max(len(label) - 1, 0))
+    median = torch.where(counts > 0, conf[order[middle]], torch.ones_like(conf[:1]))
+    threshold = torch.minimum(median, torch.full_like(median, confidence))
+    return torch.where(conf >= threshold[label], label, torch.full_like(label, -1))
+
+
 def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
     """``steps`` rounds of ``z <- normalise((z + mean of its neighbours' z) / 2)``."""
     out = Z
@@ -187,7 +210,8 @@ class NeighborClusterer(BaseClusterer):
     ----------
     n_clusters, random_state, device, progress_callback, cancel_check : as in
         :class:`BaseClusterer`.
-    n_neighbors : nearest neighbours mined per item (cosine, centred input).
+    n_neighbors : nearest neighbours mined per item (cosine, centred input), capped
+        at ``n_distinct / (2 k)`` (at least 1).
     pretrain_epochs : epochs of contrastive pre-training of the projection (an item
         and a random neighbour are a positive pair, InfoNCE); None:
         ``ceil(PRETRAIN_SAMPLES / N)`` clipped to [MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS];
@@ -208,7 +232,8 @@ class NeighborClusterer(BaseClusterer):
         ``ceil(DISTILL_SAMPLES / N)`` clipped likewise.
     self_label_epochs : epochs of self-labelling (0: none); None:
         ``ceil(SELF_LABEL_SAMPLES / N)`` clipped likewise.
-    confidence : probability above which a prediction is a self-label.
+    confidence : probability above which a prediction is a self-label (a cluster
+        with fewer than half its items above it uses its more confident half).
     neighbor_prob : in self-labelling, probability that the input is a neighbour.
     batch_size, lr, weight_decay : Adam settings.
     kmeans_n_init : restarts of each initial k-means.
@@ -222,7 +247,8 @@ class NeighborClusterer(BaseClusterer):
     labels_ : (n,) int64.
     cluster_centers_ : (k, proj_dim) unit prototypes of the kept head.
     fit_info_ : dict: per-head SCAN loss, kept head, per-head fraction of rows the EM
-        refinement moved (empty without it), epochs, seconds per stage.
+        refinement moved (empty without it), epochs, neighbours per item (after the
+        cap), seconds per stage.
     update_info_ : dict after :meth:`update`.
     """
 
@@ -551,12 +577,16 @@ class NeighborClusterer(BaseClusterer):
         sl_epochs = self._auto_epochs(self.self_label_epochs, SELF_LABEL_SAMPLES, n)
         if sl_epochs:
             opt = self._optimizer(net)
-        labels = self._probs(Z, net, 0).argmax(-1)
+        P = self._probs(Z, net, 0)
+        labels = P.argmax(-1)
         for epoch in range(1, sl_epochs + 1):
-            loss, n_conf = self._self_label_epoch(net, opt, Z, neighbors, gen)
-            new = self._probs(Z, net, 0).argmax(-1)
+            target = self_label_targets(P, float(self.confidence))
+            loss = self._self_label_epoch(net, opt, Z, target, neighbors, gen)
+            P = self._probs(Z, net, 0)
+            new = P.argmax(-1)
             change = float((new != labels).double().mean())
             labels = new
+            n_conf = int((target >= 0).sum())
             self._report("self_label", epoch, sl_epochs, loss, change, confident=n_conf / n)
         clock.lap("self_label")
 
@@ -571,13 +601,21 @@ class NeighborClusterer(BaseClusterer):
             "pretrain_epochs": pre_epochs,
             "scan_epochs": epochs,
             "self_label_epochs": sl_epochs,
+            "n_neighbors": int(neighbors.shape[1]),
             "cluster_size_min": int(sizes.min()),
             "cluster_size_max": int(sizes.max()),
             "seconds": clock.laps,
         }
 
     def _neighbors(self, feats: np.ndarray) -> torch.Tensor:
-        found = nearest_neighbors(feats, int(self.n_neighbors), self.random_state)
+        """(n, m) neighbours of the rows of ``feats`` among the distinct rows, ``m`` =
+        ``n_neighbors`` capped at half the average cluster size, ``n_distinct / (2 k)``
+        (at least 1): an item's neighbours must mostly share its cluster, or the
+        SCAN loss merges clusters (with 20 neighbours and 10 items per cluster,
+        every head left clusters empty)."""
+        groups = distinct_rows(feats)
+        m = min(int(self.n_neighbors), max(1, len(groups[0]) // (2 * self.n_clusters_)))
+        found = nearest_neighbors(feats, m, self.random_state, groups=groups)
         return torch.from_numpy(found).to(self.device_)
 
     @torch.no_grad()
@@ -629,17 +667,13 @@ class NeighborClusterer(BaseClusterer):
         net: _Net,
         opt: torch.optim.Optimizer,
         Z: torch.Tensor,
+        target: torch.Tensor,
         neighbors: torch.Tensor,
         gen: torch.Generator,
-    ) -> tuple[float, int]:
-        """Cross-entropy on confident own predictions, classes weighted by 1 / count
-        among the confident; returns (mean loss, items confident at the epoch's start)."""
-        P = self._probs(Z, net, 0)
-        conf, target = P.max(-1)
-        target = torch.where(conf >= self.confidence, target, torch.full_like(target, -1))
-        n_conf = int((target >= 0).sum())
-        if n_conf == 0:
-            return 0.0, 0
+    ) -> float:
+        """One epoch of cross-entropy toward ``target`` (n,) (the head's own confident
+        predictions, -1 = not confident), classes weighted by 1 / count among the
+        confident; returns the mean loss."""
         counts = torch.bincount(target[target >= 0], minlength=self.n_clusters_).float()
         weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
         weight = weight / weight[counts > 0].mean()
@@ -665,7 +699,7 @@ class NeighborClusterer(BaseClusterer):
                 count += 1
                 if step % _CANCEL_EVERY == _CANCEL_EVERY - 1:
                     self._check_cancel()
-        return total / max(count, 1), n_conf
+        return total / max(count, 1)
 
     def _centers(self) -> np.ndarray:
         with torch.no_grad():

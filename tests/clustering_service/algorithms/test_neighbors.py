@@ -18,6 +18,7 @@ from clustering_service.algorithms.neighbors import (
     NeighborClusterer,
     refine_partition,
     scan_loss,
+    self_label_targets,
     smooth,
 )
 
@@ -97,6 +98,69 @@ def test_refine_partition_returns_the_input_when_a_cluster_would_empty():
     labels = np.zeros(50, dtype=np.int64)
     labels[0] = 1  # a one-row cluster inside the other: EM absorbs it
     np.testing.assert_array_equal(refine_partition(Z, labels, 2, kappa=10.0, steps=20), labels)
+
+
+def test_self_label_targets_keep_every_cluster():
+    """Cluster 0 has most items above the threshold: those are its targets; no item
+    of cluster 1 reaches it, so its more confident half is used instead."""
+    P = torch.tensor(
+        [
+            [0.995, 0.005],
+            [0.999, 0.001],
+            [0.6, 0.4],
+            [0.3, 0.7],
+            [0.2, 0.8],
+            [0.1, 0.9],
+            [0.45, 0.55],
+        ]
+    )
+    np.testing.assert_array_equal(self_label_targets(P, 0.99).numpy(), [0, 0, -1, 1, 1, 1, -1])
+    confident = torch.tensor([[0.999, 0.001], [0.001, 0.999]])
+    np.testing.assert_array_equal(self_label_targets(confident, 0.99).numpy(), [0, 1])
+
+
+def _blobs(sizes: list[int], d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated groups of unit vectors (one random direction each, noise 0.3 /
+    sqrt(d)): k-means finds them exactly."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    X = centres[y] + 0.3 / np.sqrt(d) * rng.normal(size=(len(y), d))
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_clusters_smaller_than_the_neighbour_count_are_all_found():
+    """4 groups of 10 with 20 neighbours asked for: the count is capped at half the
+    average cluster size (5), otherwise every item's neighbours span two groups and
+    the SCAN loss merges them (ACC 0.5-0.7 before the cap)."""
+    X, y = _blobs([10] * 4, 64, 0)
+    est = NeighborClusterer(n_clusters=4, random_state=0, **{**TINY, "n_neighbors": 20}).fit(X)
+    assert est.fit_info_["n_neighbors"] == 5
+    assert clustering_accuracy(y, est.labels_) == 1.0
+
+
+def test_a_small_separate_cluster_survives_self_labelling():
+    """950 + 50 rows, default parameters: no item of the spread-out large group
+    reached the confidence threshold, so self-labelling with a global threshold
+    moved the whole large group into the small one (ACC 0.95, one cluster) in
+    three of four seeds; every cluster now keeps its more confident half as targets."""
+    X, y = _blobs([950, 50], 384, 1)
+    est = NeighborClusterer(n_clusters=2, random_state=1, device="cpu").fit(X)
+    assert sorted(np.bincount(est.labels_, minlength=2)) == [50, 950]
+    assert clustering_accuracy(y, est.labels_) == 1.0
+
+
+def test_copies_of_rows_do_not_fill_the_neighbour_lists():
+    """50 distinct vectors in 5 groups, each uploaded 20 times: neighbours are mined
+    among distinct rows (and capped by their number), so a row's neighbours are
+    other vectors of its group, not its own copies (ACC 0.92 before, default
+    parameters)."""
+    base, labels = _blobs([10] * 5, 32, 0)
+    X, y = np.repeat(base, 20, axis=0), np.repeat(labels, 20)
+    est = NeighborClusterer(n_clusters=5, random_state=0, device="cpu").fit(X)
+    assert est.fit_info_["n_neighbors"] == 5
+    assert clustering_accuracy(y, est.labels_) == 1.0
 
 
 @pytest.mark.parametrize(
