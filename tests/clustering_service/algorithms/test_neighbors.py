@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.datasets import SHARED_DATA, frozen_text
+from bench.edge_cases import blobs
 from clustering_service.algorithms import ClusteringInputError, create
 from clustering_service.algorithms.metrics import clustering_accuracy
 from clustering_service.algorithms.neighbors import (
@@ -119,22 +120,11 @@ def test_self_label_targets_keep_every_cluster():
     np.testing.assert_array_equal(self_label_targets(confident, 0.99).numpy(), [0, 1])
 
 
-def _blobs(sizes: list[int], d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Well-separated groups of unit vectors (one random direction each, noise 0.3 /
-    sqrt(d)): k-means finds them exactly."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(len(sizes), d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    y = np.repeat(np.arange(len(sizes)), sizes)
-    X = centres[y] + 0.3 / np.sqrt(d) * rng.normal(size=(len(y), d))
-    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), y
-
-
 def test_clusters_smaller_than_the_neighbour_count_are_all_found():
     """4 groups of 10 with 20 neighbours asked for: the count is capped at half the
     average cluster size (5), otherwise every item's neighbours span two groups and
     the SCAN loss merges them (ACC 0.5-0.7 before the cap)."""
-    X, y = _blobs([10] * 4, 64, 0)
+    X, y = blobs([10] * 4, 64, 0)
     est = NeighborClusterer(n_clusters=4, random_state=0, **{**TINY, "n_neighbors": 20}).fit(X)
     assert est.fit_info_["n_neighbors"] == 5
     assert clustering_accuracy(y, est.labels_) == 1.0
@@ -145,7 +135,7 @@ def test_a_small_separate_cluster_survives_self_labelling():
     reached the confidence threshold, so self-labelling with a global threshold
     moved the whole large group into the small one (ACC 0.95, one cluster) in
     three of four seeds; every cluster now keeps its more confident half as targets."""
-    X, y = _blobs([950, 50], 384, 1)
+    X, y = blobs([950, 50], 384, 1)
     est = NeighborClusterer(n_clusters=2, random_state=1, device="cpu").fit(X)
     assert sorted(np.bincount(est.labels_, minlength=2)) == [50, 950]
     assert clustering_accuracy(y, est.labels_) == 1.0
@@ -156,7 +146,7 @@ def test_copies_of_rows_do_not_fill_the_neighbour_lists():
     among distinct rows (and capped by their number), so a row's neighbours are
     other vectors of its group, not its own copies (ACC 0.92 before, default
     parameters)."""
-    base, labels = _blobs([10] * 5, 32, 0)
+    base, labels = blobs([10] * 5, 32, 0)
     X, y = np.repeat(base, 20, axis=0), np.repeat(labels, 20)
     est = NeighborClusterer(n_clusters=5, random_state=0, device="cpu").fit(X)
     assert est.fit_info_["n_neighbors"] == 5
