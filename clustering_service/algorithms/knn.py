@@ -44,7 +44,8 @@ def nearest_neighbors(
     kk = min(n_neighbors, n - 1)
     first, inverse = distinct_rows(feats) if groups is None else groups
     if len(first) < n:
-        found = nearest_neighbors(feats[first], n_neighbors, seed)
+        every = np.arange(len(first))  # the rows of feats[first] are distinct
+        found = nearest_neighbors(feats[first], n_neighbors, seed, groups=(every, every))
         out = first[found][inverse]
         if out.shape[1] < kk:  # too few distinct rows: pad with the row itself
             own = np.arange(n)[:, None].repeat(kk - out.shape[1], axis=1)
