@@ -17,10 +17,19 @@ a clustering in which an item and its nearest neighbours agree. Stages:
    consensus) and k-means runs on the smoothed vectors, once per head with its
    own seed (``kmeans_n_init`` restarts each). On the real text embeddings this
    alone gains 0.03-0.04 ACC over k-means on the raw vectors
-   (docs/benchmarks/neighbors.md). Optionally (``init_em_steps`` > 0, off by
-   default) each k-means partition is refined by EM steps of a mixture of unit
-   directions with free mixing weights (:func:`refine_partition`).
-3. **Network.** ``f = normalise(MLP(z))`` (``d -> hidden_dim -> BatchNorm ->
+   (docs/benchmarks/neighbors.md). The vectors smoothed are, by ``init_space``,
+   the input's (with the input-space neighbours), the learned projection's of
+   step 3's pre-training (with neighbours mined again there), or both side by
+   side (the default): the learned space has purer neighbours, but it changes
+   with the seed and so did the result (ACC std 0.03 over seeds); the input
+   space is the same for every seed and anchors the partition. k-means runs on
+   the top ``proj_dim`` principal components of those vectors (the same result
+   as on all of them at a quarter of the cost). Optionally (``init_em_steps`` >
+   0, off by default) each k-means partition is refined by EM steps of a
+   mixture of unit directions with free mixing weights (:func:`refine_partition`).
+3. **Network.** (Its projection is pre-trained first, contrastively: an item and
+   a random one of its neighbours are a positive pair, InfoNCE.)
+   ``f = normalise(MLP(z))`` (``d -> hidden_dim -> BatchNorm ->
    ReLU -> proj_dim``) and ``n_heads`` heads of ``k`` unit prototypes each;
    logits are cosine similarities over ``temperature``. Each head first learns
    its initial partition (cross-entropy, ``distill_epochs``), then all train on
@@ -61,6 +70,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.decomposition import PCA
 from torch import nn
 
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
@@ -86,6 +96,8 @@ DISTILL_SAMPLES = 50_000
 SELF_LABEL_SAMPLES = 200_000
 MIN_AUTO_EPOCHS = 2
 MAX_AUTO_EPOCHS = 100
+#: spaces the initial k-means can partition (``init_space``)
+INIT_SPACES = ("both", "learned", "input")
 #: iterations between cancel checks inside an epoch
 _CANCEL_EVERY = 200
 _EPS = 1e-7
@@ -171,6 +183,26 @@ def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
+def principal_components(Z: np.ndarray, dims: int, max_rows: int = 65536) -> np.ndarray:
+    """Z (n, d) on its top ``dims`` principal axes: float32 (n, dims), or Z itself
+    when ``d <= dims``. The axes are fitted on at most ``max_rows`` rows (a seeded
+    sample), and Z is projected ``max_rows`` rows at a time. k-means only sees
+    distances, and the leading axes hold the between-cluster spread: at ``dims`` =
+    128 it costs a quarter of k-means on the 512-d input-and-learned space at about
+    the same result (docs/benchmarks/neighbors.md, eighth round)."""
+    n = Z.shape[0]
+    if Z.shape[1] <= dims:
+        return Z
+    sample = Z
+    if n > max_rows:
+        sample = Z[np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))]
+    pca = PCA(n_components=dims, svd_solver="covariance_eigh").fit(sample)
+    out = np.empty((n, dims), dtype=np.float32)
+    for start in range(0, n, max_rows):
+        out[start : start + max_rows] = pca.transform(Z[start : start + max_rows])
+    return out
+
+
 def refine_partition(
     Z: np.ndarray, labels: np.ndarray, k: int, kappa: float, steps: int
 ) -> np.ndarray:
@@ -218,7 +250,15 @@ class NeighborClusterer(BaseClusterer):
         0: none (neighbours and initial k-means then use the input space).
     contrast_temperature : temperature of the InfoNCE logits.
     smooth_steps : neighbour-averaging rounds before the initial k-means (0: k-means
-        on the centred, normalised input).
+        on the unsmoothed vectors).
+    init_space : {"both", "learned", "input"}: the vectors the initial k-means
+        partitions: the centred, normalised input, the pre-trained projection
+        (each smoothed over its own neighbours), or the two side by side,
+        ``[input, learned] / sqrt(2)`` (the default: on the real sets it cut the
+        ACC spread over seeds from 0.03 to 0.01 or less;
+        docs/benchmarks/neighbors.md, eighth round). Without pre-training all
+        three are the input. k-means sees the top ``proj_dim`` principal
+        components of the space (:func:`principal_components`).
     hidden_dim, proj_dim : widths of the projection MLP.
     n_heads : heads trained together, each from its own initial k-means; the one
         with the lowest SCAN loss is kept. 8 rather than 4 gained 0.002-0.013 ACC
@@ -247,8 +287,9 @@ class NeighborClusterer(BaseClusterer):
     labels_ : (n,) int64.
     cluster_centers_ : (k, proj_dim) unit prototypes of the kept head.
     fit_info_ : dict: per-head SCAN loss, kept head, per-head fraction of rows the EM
-        refinement moved (empty without it), epochs, neighbours per item (after the
-        cap), seconds per stage.
+        refinement moved (empty without it), ``init_dims`` (width of the initial
+        partitions' space, and of its principal components the k-means ran on),
+        epochs, neighbours per item (after the cap), seconds per stage.
     update_info_ : dict after :meth:`update`.
     """
 
@@ -281,6 +322,7 @@ class NeighborClusterer(BaseClusterer):
         kmeans_n_init: int = 10,
         init_em_steps: int = 0,
         update_epochs: int = 2,
+        init_space: str = "both",
     ) -> None:
         self.n_clusters = n_clusters
         self.random_state = random_state
@@ -307,6 +349,7 @@ class NeighborClusterer(BaseClusterer):
         self.kmeans_n_init = kmeans_n_init
         self.init_em_steps = init_em_steps
         self.update_epochs = update_epochs
+        self.init_space = init_space
 
     # -- parameters ------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -341,6 +384,10 @@ class NeighborClusterer(BaseClusterer):
         for key in ("entropy_weight", "weight_decay"):
             if not (isinstance(getattr(self, key), int | float) and getattr(self, key) >= 0):
                 raise ClusteringInputError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.init_space not in INIT_SPACES:
+            raise ClusteringInputError(
+                f"init_space must be one of {', '.join(INIT_SPACES)}, got {self.init_space!r}"
+            )
         for key in ("confidence", "neighbor_prob"):
             value = getattr(self, key)
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
@@ -501,11 +548,15 @@ class NeighborClusterer(BaseClusterer):
         Zn = self._space(X, net)
         Z = torch.from_numpy(Zn).to(self.device_)
         neighbors = self._neighbors(Zn)
+        steps = int(self.smooth_steps)
+        pre_epochs = self._auto_epochs(self.pretrain_epochs, PRETRAIN_SAMPLES, n)
+        smoothed_input = None
+        if self.init_space != "learned" or not pre_epochs:
+            smoothed_input = smooth(Zn, neighbors.cpu().numpy(), steps)
         clock.lap("neighbors")
         self._report("neighbors", 1, 1)
 
         opt = self._optimizer(net)
-        pre_epochs = self._auto_epochs(self.pretrain_epochs, PRETRAIN_SAMPLES, n)
         for epoch in range(1, pre_epochs + 1):
             loss = self._contrast_epoch(net, opt, Z, neighbors, gen)
             self._report("pretrain", epoch, pre_epochs, loss)
@@ -518,12 +569,20 @@ class NeighborClusterer(BaseClusterer):
         del Zn
         clock.lap("pretrain")
 
-        smoothed = smooth(feats, neighbors.cpu().numpy(), int(self.smooth_steps))
-        del feats
+        if smoothed_input is None:
+            smoothed = smooth(feats, neighbors.cpu().numpy(), steps)
+        elif pre_epochs and self.init_space == "both":
+            smoothed_learned = smooth(feats, neighbors.cpu().numpy(), steps)
+            smoothed = np.concatenate([smoothed_input, smoothed_learned], axis=1) / np.sqrt(2.0)
+            del smoothed_learned
+        else:
+            smoothed = smoothed_input
+        del feats, smoothed_input
+        reduced = principal_components(smoothed, int(self.proj_dim))
         init, em_moved = [], []
         for h in range(n_heads):
             _, labels, _ = run_kmeans(
-                smoothed,
+                reduced,
                 k,
                 n_init=int(self.kmeans_n_init),
                 random_state=self.random_state + h,
@@ -537,7 +596,8 @@ class NeighborClusterer(BaseClusterer):
                 labels = refined
             init.append(labels)
             self._report("kmeans_init", h + 1, n_heads)
-        del smoothed
+        init_dims = (int(smoothed.shape[1]), int(reduced.shape[1]))
+        del smoothed, reduced
         init_t = torch.from_numpy(np.stack(init, axis=1)).to(self.device_)  # (n, heads)
         clock.lap("kmeans_init")
 
@@ -598,6 +658,7 @@ class NeighborClusterer(BaseClusterer):
             "head_scan_loss": head_loss.tolist(),
             "kept_head": best,
             "init_em_moved": em_moved,
+            "init_dims": init_dims,
             "pretrain_epochs": pre_epochs,
             "scan_epochs": epochs,
             "self_label_epochs": sl_epochs,
