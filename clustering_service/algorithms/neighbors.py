@@ -23,8 +23,8 @@ a clustering in which an item and its nearest neighbours agree. Stages:
    side (the default): the learned space has purer neighbours, but it changes
    with the seed and so did the result (ACC std 0.03 over seeds); the input
    space is the same for every seed and anchors the partition. k-means runs on
-   the top ``proj_dim`` principal components of those vectors (the same result
-   as on all of them at a quarter of the cost). Optionally (``init_em_steps`` >
+   the top ``proj_dim`` principal components of those vectors (about the same
+   result as on all of them, at a quarter of the cost). Optionally (``init_em_steps`` >
    0, off by default) each k-means partition is refined by EM steps of a
    mixture of unit directions with free mixing weights (:func:`refine_partition`).
 3. **Network.** (Its projection is pre-trained first, contrastively: an item and
