@@ -8,6 +8,8 @@ Usage (from the repository root)::
     python bench/clustering_quality.py --params '{"dec": {"gamma": 0.0}}' --json out.json
     python bench/clustering_quality.py --suite frozen    # issue 9: real embeddings + digits
     python bench/clustering_quality.py --datasets mnist --algorithms kmeans dec --dec-paper
+    python bench/clustering_quality.py --datasets mnist_full --algorithms kmeans dec --dec-paper \
+        --no-online --seeds 0   # all 70,000 digits, as in DEC's paper
 
 ``--suite frozen`` runs every algorithm on the real all-MiniLM-L6-v2 embeddings of
 StackOverflow and SearchSnippets (``../shared/data``) and on digits, 3 seeds,
