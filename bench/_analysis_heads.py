@@ -23,13 +23,13 @@ if __package__ in (None, ""):
 
 from bench.clustering_quality import load_dataset
 from clustering_service.algorithms.kmeans import run_kmeans
+from clustering_service.algorithms.knn import smooth
 from clustering_service.algorithms.neighbors import (
     DISTILL_SAMPLES,
     PRETRAIN_SAMPLES,
     TRAIN_SAMPLES,
     NeighborClusterer,
     _column_mean,
-    smooth,
 )
 from clustering_service.algorithms.nn import seed_everything, step_threads
 

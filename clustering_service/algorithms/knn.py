@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from clustering_service.algorithms.kmeans import assign_nearest
+from clustering_service.algorithms.nn import INFERENCE_BATCH
 
 #: exact neighbour search up to this many rows; beyond, cell-restricted
 EXACT_MAX_ROWS = 50_000
@@ -121,4 +122,23 @@ def knn_among(
         if found.shape[1] < kk:
             found = torch.cat([found, rows[:, None].expand(-1, kk - found.shape[1])], dim=1)
         out[start : start + len(rows)] = found.numpy()
+    return out
+
+
+def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` rounds of ``z <- normalise((z + mean of its neighbours' z) / 2)``.
+
+    Z: (n, d) unit rows; neighbors: int (n, m) row indices. Returns float (n, d),
+    Z itself when ``steps`` is 0. Each row moves toward the consensus of its
+    neighbourhood, so k-means on the result follows the neighbour graph more
+    than the noise of single rows (used by neighbors' initial partitions and
+    DeepCluster's pseudo-labels)."""
+    out = Z
+    for _ in range(steps):
+        nxt = np.empty_like(out)
+        for start in range(0, out.shape[0], INFERENCE_BATCH):
+            rows = slice(start, start + INFERENCE_BATCH)
+            avg = 0.5 * (out[rows] + out[neighbors[rows]].mean(axis=1))
+            nxt[rows] = avg / np.maximum(np.linalg.norm(avg, axis=1, keepdims=True), 1e-12)
+        out = nxt
     return out

@@ -76,7 +76,7 @@ from torch import nn
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
-from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors
+from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors, smooth
 from clustering_service.algorithms.nn import (
     INFERENCE_BATCH,
     load_numpy_state,
@@ -168,19 +168,6 @@ def self_label_targets(P: torch.Tensor, confidence: float) -> torch.Tensor:
     median = torch.where(counts > 0, conf[order[middle]], torch.ones_like(conf[:1]))
     threshold = torch.minimum(median, torch.full_like(median, confidence))
     return torch.where(conf >= threshold[label], label, torch.full_like(label, -1))
-
-
-def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
-    """``steps`` rounds of ``z <- normalise((z + mean of its neighbours' z) / 2)``."""
-    out = Z
-    for _ in range(steps):
-        nxt = np.empty_like(out)
-        for start in range(0, out.shape[0], INFERENCE_BATCH):
-            rows = slice(start, start + INFERENCE_BATCH)
-            avg = 0.5 * (out[rows] + out[neighbors[rows]].mean(axis=1))
-            nxt[rows] = avg / np.maximum(np.linalg.norm(avg, axis=1, keepdims=True), 1e-12)
-        out = nxt
-    return out
 
 
 def principal_components(Z: np.ndarray, dims: int, max_rows: int = 65536) -> np.ndarray:

@@ -17,9 +17,10 @@ from clustering_service.algorithms import (
     create,
     load,
 )
-from clustering_service.algorithms.deepcluster import DeepCluster
-from clustering_service.algorithms.kmeans import run_kmeans
+from clustering_service.algorithms.deepcluster import DeepCluster, _cluster_means
+from clustering_service.algorithms.kmeans import assign_nearest, run_kmeans
 from clustering_service.algorithms.knn import nearest_neighbors as _knn
+from clustering_service.algorithms.knn import smooth
 from clustering_service.algorithms.matching import match_labels
 from clustering_service.algorithms.metrics import clustering_accuracy
 
@@ -85,7 +86,9 @@ def test_predict_agrees_with_labels(fitted, digits_data):
     model, _ = fitted
     X, _ = digits_data
     pred = model.predict(X)
-    assert np.mean(pred == model.labels_) > 0.97
+    # the stored labels are predict's answer, although k-means ran on smoothed features
+    np.testing.assert_array_equal(pred, model.labels_)
+    assert 0.0 < model.final_moved_ < 0.2
     proba = model.predict_proba(X)
     assert proba.shape == (X.shape[0], 10) and proba.dtype == np.float32
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
@@ -176,6 +179,8 @@ def test_bad_input(small_digits):
         DeepCluster(n_clusters=5, epochs=-1).fit(X)
     with pytest.raises(ClusteringInputError):
         DeepCluster(n_clusters=5, whiten_power=0.5).fit(X)
+    with pytest.raises(ClusteringInputError, match="smooth_steps"):
+        DeepCluster(n_clusters=5, smooth_steps=-1).fit(X)
     with pytest.raises(ClusteringInputError):
         DeepCluster(n_clusters=5, **TINY).fit(np.empty((0, 64), dtype=np.float32))
     with pytest.warns(RuntimeWarning, match="per cluster"):
@@ -183,6 +188,29 @@ def test_bad_input(small_digits):
     fitted = DeepCluster(n_clusters=5, **TINY).fit(X)
     with pytest.raises(ClusteringInputError):
         fitted.predict(X[:, :10])
+
+
+def test_pseudo_labels_are_kmeans_of_the_smoothed_features(digits_data):
+    """Epoch 0 (no training): k-means runs on the features smoothed over their
+    neighbours; the labels are then each item's nearest centre of that partition
+    in the unsmoothed space. Without smoothing, they are k-means' own."""
+    X, _ = digits_data
+    params = {**FAST, "epochs": 0}
+    model = DeepCluster(n_clusters=10, random_state=0, **params).fit(X)
+    feats = model._features(X)
+    neighbors = _knn(feats, model.n_neighbors, 0)
+    _, km, _ = run_kmeans(
+        smooth(feats, neighbors, 2), 10, n_init=FAST["kmeans_n_init"], max_iter=50, random_state=0
+    )
+    expected, _ = assign_nearest(feats, _cluster_means(feats, km, 10))
+    np.testing.assert_array_equal(model.labels_, expected)
+    assert model.final_moved_ == pytest.approx(np.mean(expected != km))
+    assert model.final_moved_ > 0
+
+    plain = DeepCluster(n_clusters=10, random_state=0, smooth_steps=0, **params).fit(X)
+    _, km, _ = run_kmeans(feats, 10, n_init=FAST["kmeans_n_init"], max_iter=50, random_state=0)
+    np.testing.assert_array_equal(plain.labels_, km)
+    assert plain.final_moved_ == 0.0
 
 
 def test_knn_excludes_self():

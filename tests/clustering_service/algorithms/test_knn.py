@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors
+from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors, smooth
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -44,3 +44,16 @@ def test_too_few_distinct_rows_pad_with_the_row_itself():
     assert nb.shape == (5, 3)
     np.testing.assert_array_equal(nb[:, 0], [3, 3, 3, 0, 0])
     np.testing.assert_array_equal(nb[:, 1:], np.arange(5)[:, None].repeat(2, axis=1))
+
+
+def test_smooth_moves_toward_neighbours_and_keeps_unit_length():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(50, 6)).astype(np.float32)
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    neighbors = np.stack([np.roll(np.arange(50), -1), np.roll(np.arange(50), 1)], axis=1)
+    out = smooth(Z, neighbors, 2)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    agree_before = np.einsum("nd,nd->n", Z, Z[neighbors[:, 0]]).mean()
+    agree_after = np.einsum("nd,nd->n", out, out[neighbors[:, 0]]).mean()
+    assert agree_after > agree_before
+    np.testing.assert_array_equal(smooth(Z, neighbors, 0), Z)

@@ -21,7 +21,6 @@ from clustering_service.algorithms.neighbors import (
     refine_partition,
     scan_loss,
     self_label_targets,
-    smooth,
 )
 
 TINY = {
@@ -67,19 +66,6 @@ def test_scan_loss_values():
     # disagreeing one-hot pairs are penalised heavily (clamped log)
     _, consistency, _ = scan_loss(one_hot, one_hot.roll(1, dims=0), entropy_weight=1.0)
     assert consistency.item() > 10
-
-
-def test_smooth_moves_toward_neighbours_and_keeps_unit_length():
-    rng = np.random.default_rng(0)
-    Z = rng.normal(size=(50, 6)).astype(np.float32)
-    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
-    neighbors = np.stack([np.roll(np.arange(50), -1), np.roll(np.arange(50), 1)], axis=1)
-    out = smooth(Z, neighbors, 2)
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
-    agree_before = np.einsum("nd,nd->n", Z, Z[neighbors[:, 0]]).mean()
-    agree_after = np.einsum("nd,nd->n", out, out[neighbors[:, 0]]).mean()
-    assert agree_after > agree_before
-    np.testing.assert_array_equal(smooth(Z, neighbors, 0), Z)
 
 
 def _directions(angles_deg: np.ndarray) -> np.ndarray:
