@@ -1,4 +1,6 @@
-"""Nearest neighbours of unit vectors (cosine), shared by the deep clusterers.
+"""Nearest neighbours of unit vectors (cosine), shared by the deep clusterers, and
+what they build on them: neighbour smoothing, and the principal components the
+searches and k-means runs use.
 
 Exact (one matmul per block of rows) up to :data:`EXACT_MAX_ROWS` rows; beyond,
 an approximate search whose cost is linear in n (see :func:`nearest_neighbors`).
@@ -6,8 +8,11 @@ an approximate search whose cost is linear in n (see :func:`nearest_neighbors`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 
 from clustering_service.algorithms.kmeans import assign_nearest
 from clustering_service.algorithms.nn import INFERENCE_BATCH
@@ -141,4 +146,51 @@ def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
             avg = 0.5 * (out[rows] + out[neighbors[rows]].mean(axis=1))
             nxt[rows] = avg / np.maximum(np.linalg.norm(avg, axis=1, keepdims=True), 1e-12)
         out = nxt
+    return out
+
+
+def capped_neighbors(feats: np.ndarray, wanted: int, n_clusters: int, seed: int) -> np.ndarray:
+    """:func:`nearest_neighbors` of the unit rows ``feats`` (n, d), int64 (n, m), with
+    ``m`` = ``wanted`` capped at half the average cluster size, ``n_distinct / (2
+    n_clusters)`` (at least 1): an item's neighbours must mostly share its cluster,
+    or averaging over them (and the SCAN loss) merges clusters (with 20 neighbours
+    and 10 items per cluster, every ``neighbors`` head left clusters empty)."""
+    groups = distinct_rows(feats)
+    m = min(int(wanted), max(1, len(groups[0]) // (2 * n_clusters)))
+    return nearest_neighbors(feats, m, seed, groups=groups)
+
+
+def principal_components(
+    Z: np.ndarray,
+    dims: int,
+    max_rows: int = 65536,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The rows of Z (n, d), mapped by ``prepare`` (a function of a block of rows;
+    none: the rows as they are), on their top ``dims`` principal axes: float32 (n,
+    dims); when ``d <= dims``, the prepared rows (Z itself without ``prepare``).
+    The axes are fitted on at most ``max_rows`` rows (a seeded sample), and Z is
+    prepared and projected ``max_rows`` rows at a time, so a memmapped Z is never
+    copied whole. Fewer rows than ``dims`` give as many axes as rows. k-means
+    only sees distances, and the leading axes hold the between-cluster spread: at
+    ``dims`` = 128 it costs a quarter of k-means on the 512-d input-and-learned
+    space of ``neighbors`` at about the same result
+    (docs/benchmarks/neighbors.md, eighth round)."""
+    n = Z.shape[0]
+    prep = prepare or (lambda rows: rows)
+    dims = min(dims, n)  # n rows span at most n axes
+    if Z.shape[1] <= dims:
+        if prepare is None:
+            return Z
+        out = np.empty(Z.shape, dtype=np.float32)
+        for start in range(0, n, max_rows):
+            out[start : start + max_rows] = prep(Z[start : start + max_rows])
+        return out
+    sample = Z
+    if n > max_rows:
+        sample = Z[np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))]
+    pca = PCA(n_components=dims, svd_solver="covariance_eigh").fit(prep(sample))
+    out = np.empty((n, dims), dtype=np.float32)
+    for start in range(0, n, max_rows):
+        out[start : start + max_rows] = pca.transform(prep(Z[start : start + max_rows]))
     return out

@@ -70,13 +70,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.decomposition import PCA
 from torch import nn
 
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
-from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors, smooth
+from clustering_service.algorithms.knn import capped_neighbors, principal_components, smooth
 from clustering_service.algorithms.nn import (
     INFERENCE_BATCH,
     load_numpy_state,
@@ -168,26 +167,6 @@ def self_label_targets(P: torch.Tensor, confidence: float) -> torch.Tensor:
     median = torch.where(counts > 0, conf[order[middle]], torch.ones_like(conf[:1]))
     threshold = torch.minimum(median, torch.full_like(median, confidence))
     return torch.where(conf >= threshold[label], label, torch.full_like(label, -1))
-
-
-def principal_components(Z: np.ndarray, dims: int, max_rows: int = 65536) -> np.ndarray:
-    """Z (n, d) on its top ``dims`` principal axes: float32 (n, dims), or Z itself
-    when ``d <= dims``. The axes are fitted on at most ``max_rows`` rows (a seeded
-    sample), and Z is projected ``max_rows`` rows at a time. k-means only sees
-    distances, and the leading axes hold the between-cluster spread: at ``dims`` =
-    128 it costs a quarter of k-means on the 512-d input-and-learned space at about
-    the same result (docs/benchmarks/neighbors.md, eighth round)."""
-    n = Z.shape[0]
-    if Z.shape[1] <= dims:
-        return Z
-    sample = Z
-    if n > max_rows:
-        sample = Z[np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))]
-    pca = PCA(n_components=dims, svd_solver="covariance_eigh").fit(sample)
-    out = np.empty((n, dims), dtype=np.float32)
-    for start in range(0, n, max_rows):
-        out[start : start + max_rows] = pca.transform(Z[start : start + max_rows])
-    return out
 
 
 def refine_partition(
@@ -661,9 +640,7 @@ class NeighborClusterer(BaseClusterer):
         (at least 1): an item's neighbours must mostly share its cluster, or the
         SCAN loss merges clusters (with 20 neighbours and 10 items per cluster,
         every head left clusters empty)."""
-        groups = distinct_rows(feats)
-        m = min(int(self.n_neighbors), max(1, len(groups[0]) // (2 * self.n_clusters_)))
-        found = nearest_neighbors(feats, m, self.random_state, groups=groups)
+        found = capped_neighbors(feats, int(self.n_neighbors), self.n_clusters_, self.random_state)
         return torch.from_numpy(found).to(self.device_)
 
     @torch.no_grad()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from clustering_service.algorithms.knn import distinct_rows, nearest_neighbors, smooth
+from clustering_service.algorithms.knn import (
+    capped_neighbors,
+    distinct_rows,
+    nearest_neighbors,
+    principal_components,
+    smooth,
+)
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -57,3 +63,53 @@ def test_smooth_moves_toward_neighbours_and_keeps_unit_length():
     agree_after = np.einsum("nd,nd->n", out, out[neighbors[:, 0]]).mean()
     assert agree_after > agree_before
     np.testing.assert_array_equal(smooth(Z, neighbors, 0), Z)
+
+
+def test_principal_components_keep_the_leading_axes():
+    rng = np.random.default_rng(0)
+    # spread 10, 5, 1 along three axes, noise 0.01 along 5 more, rotated
+    Z = rng.normal(size=(2000, 8)) * np.array([10, 5, 1] + [0.01] * 5)
+    rot = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    Z = (Z @ rot).astype(np.float32)
+    P = principal_components(Z, 3, max_rows=500)
+    assert P.shape == (2000, 3) and P.dtype == np.float32
+    np.testing.assert_allclose(P.std(axis=0), [10, 5, 1], rtol=0.1)
+    # distances survive: the dropped axes held almost nothing
+    d_full = np.linalg.norm(Z[:100, None] - Z[None, :100], axis=-1)
+    d_pca = np.linalg.norm(P[:100, None] - P[None, :100], axis=-1)
+    assert np.abs(d_full - d_pca).max() < 0.1
+    assert principal_components(Z, 8) is Z  # nothing to drop
+
+
+def test_principal_components_prepare_each_block_without_copying_z_whole():
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(1000, 6)).astype(np.float32) + 3.0
+    blocks = []
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        blocks.append(len(rows))
+        return _unit(rows - 3.0)
+
+    P = principal_components(Z, 4, max_rows=300, prepare=unit)
+    assert P.shape == (1000, 4)
+    # the axes are fitted on one sample of 300 prepared rows, then 4 blocks are projected
+    assert blocks == [300, 300, 300, 300, 100]
+    expected = principal_components(_unit(Z - 3.0), 4, max_rows=300)
+    np.testing.assert_allclose(P, expected, atol=1e-5)
+    # fewer rows than axes asked for: as many axes as rows
+    assert principal_components(Z[:5], 4, prepare=unit).shape == (5, 4)
+    assert principal_components(Z[:3], 4, prepare=unit).shape == (3, 3)
+    # nothing to drop: the prepared rows themselves
+    np.testing.assert_allclose(principal_components(Z, 6, prepare=unit), _unit(Z - 3.0))
+
+
+def test_capped_neighbors_stay_within_half_the_average_cluster():
+    feats = _unit(np.random.default_rng(2).normal(size=(60, 8)))
+    assert capped_neighbors(feats, 10, 3, 0).shape == (60, 10)  # 60 / 6 = 10
+    assert capped_neighbors(feats, 10, 6, 0).shape == (60, 5)
+    assert capped_neighbors(feats, 10, 60, 0).shape == (60, 1)  # at least one
+    # copies count once: 20 distinct rows, 3 copies each, k = 4 -> 20 / 8 = 2
+    copies = np.repeat(feats[:20], 3, axis=0)
+    found = capped_neighbors(copies, 10, 4, 0)
+    assert found.shape == (60, 2)
+    assert not np.any(np.all(copies[found] == copies[:, None], axis=-1))

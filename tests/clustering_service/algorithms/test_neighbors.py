@@ -17,7 +17,6 @@ from clustering_service.algorithms import ClusteringInputError, create
 from clustering_service.algorithms.metrics import clustering_accuracy
 from clustering_service.algorithms.neighbors import (
     NeighborClusterer,
-    principal_components,
     refine_partition,
     scan_loss,
     self_label_targets,
@@ -35,22 +34,6 @@ TINY = {
     "kmeans_n_init": 2,
     "device": "cpu",
 }
-
-
-def test_principal_components_keep_the_leading_axes():
-    rng = np.random.default_rng(0)
-    # spread 10, 5, 1 along three axes, noise 0.01 along 5 more, rotated
-    Z = rng.normal(size=(2000, 8)) * np.array([10, 5, 1] + [0.01] * 5)
-    rot = np.linalg.qr(rng.normal(size=(8, 8)))[0]
-    Z = (Z @ rot).astype(np.float32)
-    P = principal_components(Z, 3, max_rows=500)
-    assert P.shape == (2000, 3) and P.dtype == np.float32
-    np.testing.assert_allclose(P.std(axis=0), [10, 5, 1], rtol=0.1)
-    # distances survive: the dropped axes held almost nothing
-    d_full = np.linalg.norm(Z[:100, None] - Z[None, :100], axis=-1)
-    d_pca = np.linalg.norm(P[:100, None] - P[None, :100], axis=-1)
-    assert np.abs(d_full - d_pca).max() < 0.1
-    assert principal_components(Z, 8) is Z  # nothing to drop
 
 
 def test_scan_loss_values():

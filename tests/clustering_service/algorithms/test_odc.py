@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
 from clustering_service.algorithms import ClusteringCancelled, ClusteringInputError, load
+from clustering_service.algorithms.knn import capped_neighbors
 from clustering_service.algorithms.metrics import clustering_accuracy
 from clustering_service.algorithms.odc import (
     ODC,
@@ -73,6 +74,31 @@ def test_paper_initialisation_on_neck_features(digits_data):
 def _blob(center: list[float], n: int, gen: torch.Generator) -> torch.Tensor:
     c = torch.tensor(center, dtype=torch.float32)
     return F.normalize(c + 0.02 * torch.randn((n, 3), generator=gen), dim=1)
+
+
+def test_initial_kmeans_runs_on_the_smoothed_principal_components(fitted, digits_data):
+    """init_space="input": the rows k-means starts from are the centred unit input on
+    its top 128 principal components, renormalised and averaged over their
+    neighbours; X itself without smoothing. A wide input with fewer rows than 128
+    gets as many axes as rows."""
+    X, _ = digits_data
+    model = fitted  # the standardiser's mean is kept after fit
+    Z = model._initial_space(X)
+    assert Z.shape == X.shape and Z.dtype == np.float32  # 64-d: nothing to drop
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, rtol=1e-5)
+    centred = X - X.mean(axis=0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    # each row moved toward its neighbours: closer to them than the raw unit row is
+    neighbors = capped_neighbors(unit.astype(np.float32), 10, 10, 0)
+    before = np.einsum("nd,nkd->n", unit, unit[neighbors]).mean()
+    after = np.einsum("nd,nkd->n", Z, Z[neighbors]).mean()
+    assert after > before + 0.05
+    plain = ODC(n_clusters=10, smooth_steps=0, **SHORT)
+    assert plain._initial_space(X) is X
+
+    wide = np.random.default_rng(0).normal(size=(40, 384)).astype(np.float32)
+    fitted = ODC(n_clusters=4, random_state=0, **SHORT).fit(wide)
+    assert fitted.labels_.shape == (40,)
 
 
 def test_small_cluster_is_disbanded_and_largest_is_split():
@@ -253,6 +279,8 @@ def test_progress_and_cancel(small_digits):
         {"n_epochs": 0},
         {"input_dropout": 1.0},
         {"temperature": 0.0},
+        {"smooth_steps": -1},
+        {"n_neighbors": 1.5},
     ],
 )
 def test_bad_parameters(small_digits, params):
