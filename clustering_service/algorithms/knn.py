@@ -136,8 +136,8 @@ def smooth(Z: np.ndarray, neighbors: np.ndarray, steps: int) -> np.ndarray:
     Z: (n, d) unit rows; neighbors: int (n, m) row indices. Returns float (n, d),
     Z itself when ``steps`` is 0. Each row moves toward the consensus of its
     neighbourhood, so k-means on the result follows the neighbour graph more
-    than the noise of single rows (used by neighbors' initial partitions and
-    DeepCluster's pseudo-labels)."""
+    than the noise of single rows (used for neighbors' and ODC's initial
+    partitions and DeepCluster's pseudo-labels)."""
     out = Z
     for _ in range(steps):
         nxt = np.empty_like(out)

@@ -635,11 +635,9 @@ class NeighborClusterer(BaseClusterer):
         }
 
     def _neighbors(self, feats: np.ndarray) -> torch.Tensor:
-        """(n, m) neighbours of the rows of ``feats`` among the distinct rows, ``m`` =
-        ``n_neighbors`` capped at half the average cluster size, ``n_distinct / (2 k)``
-        (at least 1): an item's neighbours must mostly share its cluster, or the
-        SCAN loss merges clusters (with 20 neighbours and 10 items per cluster,
-        every head left clusters empty)."""
+        """(n, m) neighbours of the rows of ``feats`` on the device: ``n_neighbors``
+        capped at half the average cluster size (:func:`~clustering_service.
+        algorithms.knn.capped_neighbors`)."""
         found = capped_neighbors(feats, int(self.n_neighbors), self.n_clusters_, self.random_state)
         return torch.from_numpy(found).to(self.device_)
 

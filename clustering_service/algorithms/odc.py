@@ -319,7 +319,7 @@ class ODC(BaseClusterer):
         smoothed ``smooth_steps`` times over its ``n_neighbors`` nearest
         neighbours (at most half the average cluster size); 0 for either: on X
         itself. 2 rounds of 10 (default), ACC over seeds 0-2: searchsnippets
-        0.749 -> 0.774, stackoverflow 0.740 -> 0.748, 10,000 MNIST digits 0.555
+        0.749 -> 0.774, stackoverflow 0.740 -> 0.753, 10,000 MNIST digits 0.555
         -> 0.585, digits_hard 0.588 -> 0.587, digits 0.824 -> 0.811
         (docs/benchmarks/deep_frozen.md, fourth round).
     update_epochs : int or None
