@@ -12,8 +12,8 @@ import numpy as np
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from clustering_service.algorithms.kmeans import run_kmeans
+from clustering_service.algorithms.knn import smooth
 from clustering_service.algorithms.metrics import clustering_accuracy as acc
-from clustering_service.algorithms.neighbors import smooth
 
 
 def merge(L, nb, k, mode):
