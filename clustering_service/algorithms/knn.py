@@ -194,3 +194,30 @@ def principal_components(
     for start in range(0, n, max_rows):
         out[start : start + max_rows] = pca.transform(prep(Z[start : start + max_rows]))
     return out
+
+
+def smoothed_input(
+    X: np.ndarray,
+    mean: np.ndarray,
+    n_neighbors: int,
+    n_clusters: int,
+    steps: int,
+    seed: int,
+    dims: int = 128,
+) -> np.ndarray:
+    """The rows of X (n, d) centred on ``mean`` (d,) and L2-normalised, on their top
+    ``dims`` principal components (renormalised), then :func:`smooth`-ed ``steps``
+    times over their :func:`capped_neighbors` in that space: float32 (n, min(d,
+    dims, n)) unit rows, each the consensus of its neighbourhood. The space the
+    initial k-means of ODC partitions. X is read in blocks, never copied
+    whole; the peak is three (n, dims) arrays."""
+    mean = np.asarray(mean, dtype=np.float32)
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float32) - mean
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    Z = principal_components(X, dims, prepare=unit)
+    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    neighbors = capped_neighbors(Z, n_neighbors, n_clusters, seed)
+    return smooth(Z, neighbors, steps)

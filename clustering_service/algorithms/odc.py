@@ -78,7 +78,7 @@ from torch import nn
 from clustering_service.algorithms.base import BaseClusterer
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
-from clustering_service.algorithms.knn import capped_neighbors, principal_components, smooth
+from clustering_service.algorithms.knn import smoothed_input
 from clustering_service.algorithms.nn import (
     INFERENCE_BATCH,
     load_numpy_state,
@@ -89,8 +89,6 @@ from clustering_service.algorithms.nn import (
 
 #: the paper's small-cluster threshold; ``min_cluster=None`` lowers it for small N / k
 PAPER_MIN_CLUSTER = 20
-#: principal components of the centred unit input that the initial k-means sees
-INIT_DIMS = 128
 #: iterations between cancel checks inside an epoch (one epoch over 1M items is long)
 _CANCEL_EVERY = 200
 #: rows per matrix product when relabelling a whole memory: the chunks of ``predict``,
@@ -567,23 +565,21 @@ class ODC(BaseClusterer):
         self.history_ = history
 
     def _initial_space(self, X: np.ndarray) -> np.ndarray:
-        """Rows the initial k-means partitions (``init_space="input"``): float32 (n,
-        min(d, 128)) centred unit rows on their principal components, smoothed over
-        their neighbours; X itself when ``smooth_steps`` or ``n_neighbors`` is 0 (the
-        standardisation, a shift and one scale, leaves the partition unchanged, and
-        a memmapped X is not copied). X is read in blocks, never copied whole."""
+        """Rows the initial k-means partitions (``init_space="input"``): the smoothed
+        centred unit input (:func:`~clustering_service.algorithms.knn.smoothed_input`);
+        X itself when ``smooth_steps`` or ``n_neighbors`` is 0 (the standardisation,
+        a shift and one scale, leaves the partition unchanged, and a memmapped X is
+        not copied)."""
         if self.smooth_steps == 0 or self.n_neighbors == 0:
             return X
-        mean = self.input_mean_.cpu().numpy()
-
-        def unit(rows: np.ndarray) -> np.ndarray:
-            rows = np.asarray(rows, dtype=np.float32) - mean
-            return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
-        Z = principal_components(X, INIT_DIMS, prepare=unit)
-        Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-        neighbors = capped_neighbors(Z, self.n_neighbors, self.n_clusters_, self.random_state)
-        return smooth(Z, neighbors, self.smooth_steps)
+        return smoothed_input(
+            X,
+            self.input_mean_.cpu().numpy(),
+            self.n_neighbors,
+            self.n_clusters_,
+            self.smooth_steps,
+            self.random_state,
+        )
 
     def _settle(
         self, X: np.ndarray, mem: _Memory, parents: torch.Tensor | None, max_shift: float | None
