@@ -399,13 +399,13 @@ class ODC(BaseClusterer):
         for key in ("hidden_dim", "feature_dim", "centroid_update_interval", "kmeans_n_init"):
             need(is_int(getattr(self, key), 1), f"{key} must be an integer >= 1")
         need(is_int(self.batch_size, 2), "batch_size must be an integer >= 2 (BatchNorm)")
+        for key in ("n_neighbors", "smooth_steps"):
+            need(is_int(getattr(self, key), 0), f"{key} must be an integer >= 0")
         for key, low in (
             ("n_epochs", 1),
             ("min_cluster", 1),
             ("warmup_epochs", 0),
             ("update_epochs", 0),
-            ("n_neighbors", 0),
-            ("smooth_steps", 0),
         ):
             value = getattr(self, key)
             need(value is None or is_int(value, low), f"{key} must be None or an integer >= {low}")

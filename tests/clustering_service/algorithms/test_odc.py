@@ -280,6 +280,7 @@ def test_progress_and_cancel(small_digits):
         {"input_dropout": 1.0},
         {"temperature": 0.0},
         {"smooth_steps": -1},
+        {"smooth_steps": None},
         {"n_neighbors": 1.5},
     ],
 )
