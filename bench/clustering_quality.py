@@ -10,6 +10,9 @@ Usage (from the repository root)::
     python bench/clustering_quality.py --datasets mnist --algorithms kmeans dec --dec-paper
     python bench/clustering_quality.py --datasets mnist_full --algorithms kmeans dec --dec-paper \
         --no-online --seeds 0   # all 70,000 digits, as in DEC's paper
+    python bench/clustering_quality.py --datasets mnist_full --algorithms kmeans dec --dec-paper \
+        --params '{"dec": {"pretrain": "end_to_end", "noise_level": 0.0, "pretrain_epochs": 150}}' \
+        --no-online --seeds 0   # pre-trained to convergence: the paper's gap (about 50 min a fit)
 
 ``--suite frozen`` runs every algorithm on the real all-MiniLM-L6-v2 embeddings of
 StackOverflow and SearchSnippets (``../shared/data``) and on digits, 3 seeds,
