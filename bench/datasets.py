@@ -150,8 +150,8 @@ def use_text(name: str, cache_dir: str | Path | None = None) -> tuple[np.ndarray
 
     A second real embedding model, so that methods tuned on the all-MiniLM-L6-v2
     vectors can be checked on vectors they were not tuned on. Computed once by
-    :func:`embed_use` (about 7 min for stackoverflow, 9 for searchsnippets, one
-    core) and cached as ``<name>.npz`` in ``cache_dir`` (default as
+    :func:`embed_use` (about 7 min for stackoverflow, 12 for searchsnippets, on
+    one core of the 2-core dev box) and cached as ``<name>.npz`` in ``cache_dir`` (default as
     :func:`_fetch_parsed`), written under a temporary name and renamed. Raises
     ValueError for an unknown name.
     """
@@ -174,12 +174,20 @@ def use_text(name: str, cache_dir: str | Path | None = None) -> tuple[np.ndarray
 def embed_use(texts: list[str]) -> np.ndarray:
     """``(n, 512)`` float32 Universal Sentence Encoder (lite) vectors of ``texts``.
 
-    Runs ``node embed.js`` in ``bench/use_embed`` (about 30 ms a text on one
-    core), installing it first with ``npm ci`` (pinned by its lock file) when its
-    ``node_modules`` is missing. Raises RuntimeError naming the command that failed.
+    Runs ``node embed.js`` in ``bench/use_embed`` (20-60 ms a text on one core,
+    longer texts slower), installing it first with ``npm ci`` (pinned by its lock
+    file) when its ``node_modules`` is missing. Raises RuntimeError when Node.js or
+    npm is missing or a command fails, naming it.
     """
+    import shutil
     import subprocess
     import tempfile
+
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(f"embedding with the Universal Sentence Encoder needs {missing}")
+    if not texts:
+        return np.zeros((0, 512), dtype=np.float32)
 
     def run(cmd: list[str]) -> None:
         done = subprocess.run(cmd, cwd=USE_EMBED_DIR, stdout=subprocess.DEVNULL)
