@@ -151,24 +151,18 @@ def use_text(name: str, cache_dir: str | Path | None = None) -> tuple[np.ndarray
     A second real embedding model, so that methods tuned on the all-MiniLM-L6-v2
     vectors can be checked on vectors they were not tuned on. Computed once by
     :func:`embed_use` (about 7 min for stackoverflow, 12 for searchsnippets, on
-    one core of the 2-core dev box) and cached as ``<name>.npz`` in ``cache_dir`` (default as
-    :func:`_fetch_parsed`), written under a temporary name and renamed. Raises
-    ValueError for an unknown name.
+    one core of the 2-core dev box) and cached as ``<name>.npz`` in ``cache_dir``
+    by :func:`_cached`. Raises ValueError for an unknown name.
     """
     if name not in USE_TEXT_SETS:
         raise ValueError(f"unknown embedding set {name!r}; choose one of {USE_TEXT_SETS}")
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    cached = cache / f"{name}.npz"
-    if not cached.is_file():
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
         with np.load(SHARED_DATA / f"{name.removesuffix('_use')}_minilm.npz") as data:
             texts, y = [str(t) for t in data["texts"]], data["y"].astype(np.int64)
-        X = embed_use(texts)
-        cache.mkdir(parents=True, exist_ok=True)
-        part = cache / f"{name}.tmp.npz"
-        np.savez(part, X=X, y=y)
-        part.replace(cached)
-    with np.load(cached) as data:
-        return data["X"], data["y"]
+        return embed_use(texts), y
+
+    return _cached(name, make, cache_dir)
 
 
 def embed_use(texts: list[str]) -> np.ndarray:
@@ -208,6 +202,28 @@ def _cache_dir() -> Path:
     return Path(base) / "dinocluster"
 
 
+def _cached(
+    name: str,
+    make: Callable[[], tuple[np.ndarray, np.ndarray]],
+    cache_dir: str | Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` from ``<name>.npz`` in ``cache_dir`` (default
+    ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``), or, when it is
+    absent, from ``make()``, then cached there: written under a temporary name and
+    renamed, so the file is whole or absent."""
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    path = cache / f"{name}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["X"], data["y"]
+    X, y = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, X=X, y=y)
+    tmp.replace(path)
+    return X, y
+
+
 def _fetch_parsed(
     name: str,
     url: str,
@@ -216,30 +232,23 @@ def _fetch_parsed(
     cache_dir: str | Path | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` parsed from the tarball at ``url``, cached as ``<name>.npz`` in
-    ``cache_dir`` (default ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``).
+    ``cache_dir`` by :func:`_cached`.
 
     Fetched on first use only; its SHA-256 is checked first (ValueError naming
-    both hashes on a mismatch; nothing is cached then), and the cache file is
-    written under a temporary name and renamed, so it is whole or absent.
+    both hashes on a mismatch; nothing is cached then).
     """
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    parsed = cache / f"{name}.npz"
-    if parsed.is_file():
-        with np.load(parsed) as data:
-            return data["X"], data["y"]
-    import httpx
 
-    blob = httpx.get(url, timeout=300.0, follow_redirects=True).raise_for_status().content
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256}")
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        X, y = parse(tar)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = parsed.with_suffix(".tmp.npz")
-    np.savez(tmp, X=X, y=y)
-    tmp.replace(parsed)
-    return X, y
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        import httpx
+
+        blob = httpx.get(url, timeout=300.0, follow_redirects=True).raise_for_status().content
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != sha256:
+            raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256}")
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            return parse(tar)
+
+    return _cached(name, make, cache_dir)
 
 
 def mnist(
