@@ -209,8 +209,9 @@ def _cached(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` from ``<name>.npz`` in ``cache_dir`` (default
     ``$XDG_CACHE_HOME/dinocluster`` or ``~/.cache/dinocluster``), or, when it is
-    absent, from ``make()``, then cached there: written under a temporary name and
-    renamed, so the file is whole or absent."""
+    absent, from ``make()``, then cached there: written under a name of its own
+    (two benchmark processes may fill the cache at once) and renamed, so the file
+    is whole or absent."""
     cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
     path = cache / f"{name}.npz"
     if path.is_file():
@@ -218,7 +219,7 @@ def _cached(
             return data["X"], data["y"]
     X, y = make()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = cache / f"{name}.{os.getpid()}.tmp.npz"
     np.savez(tmp, X=X, y=y)
     tmp.replace(path)
     return X, y

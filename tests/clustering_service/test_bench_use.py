@@ -45,3 +45,32 @@ def test_use_text_rejects_unknown_names_and_reads_its_cache(
     got_X, got_y = use_text("searchsnippets_use", cache_dir=tmp_path)
     np.testing.assert_array_equal(got_X, X)
     np.testing.assert_array_equal(got_y, y)
+
+
+def test_cache_is_written_under_a_name_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two benchmark processes may fill the cache at once: each writes its own
+    temporary file, so neither renames the other's away (a shared name failed a
+    run: the second rename found no file)."""
+    calls = []
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        calls.append(1)
+        return np.ones((2, 3), dtype=np.float32), np.arange(2)
+
+    real_savez = np.savez
+
+    def savez_while_another_process_does(file: Path, **arrays: np.ndarray) -> None:
+        real_savez(file, **arrays)
+        if len(calls) == 1:  # ours is written: another process writes and renames
+            with monkeypatch.context() as other:
+                other.setattr(datasets.os, "getpid", lambda: 99999999)
+                datasets._cached("some_set", make, tmp_path)
+
+    monkeypatch.setattr(datasets.np, "savez", savez_while_another_process_does)
+    X, y = datasets._cached("some_set", make, tmp_path)
+    assert X.shape == (2, 3) and y.tolist() == [0, 1] and calls == [1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == ["some_set.npz"]
+    datasets._cached("some_set", make, tmp_path)
+    assert calls == [1, 1]  # read back, not made again
