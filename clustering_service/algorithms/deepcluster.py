@@ -66,15 +66,13 @@ from clustering_service.algorithms.kmeans import (
     fill_empty_clusters,
     run_kmeans,
 )
-from clustering_service.algorithms.knn import capped_neighbors, smooth
+from clustering_service.algorithms.knn import EIGEN_FLOOR, capped_neighbors, smooth
 from clustering_service.algorithms.matching import match_clusters, match_labels
 
 #: faiss warns below this many training points per centroid
 MIN_POINTS_PER_CENTROID = 39
 #: rows per chunk when featurising / predicting
 _CHUNK = cnn.INFERENCE_BATCH
-#: eigenvalues below this fraction of the largest are floored before whitening
-_EIGEN_FLOOR = 1e-3
 
 
 class _Trunk(nn.Module):
@@ -350,7 +348,7 @@ class DeepCluster(BaseClusterer):
             Zc = Z - center
             evals, evecs = np.linalg.eigh(Zc.T @ Zc / max(len(Z) - 1, 1))
             order = np.argsort(evals)[::-1][: min(self.pca_dim, p)]
-            lam = np.maximum(evals[order], _EIGEN_FLOOR * max(float(evals.max()), 1e-24))
+            lam = np.maximum(evals[order], EIGEN_FLOOR * max(float(evals.max()), 1e-24))
             transform = _fix_signs(evecs[:, order]) * lam ** float(self.whiten_power)
         return _Featurizer(
             self.trunk_,

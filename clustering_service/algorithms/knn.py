@@ -1,6 +1,6 @@
 """Nearest neighbours of unit vectors (cosine), shared by the deep clusterers, and
-what they build on them: neighbour smoothing, and the principal components the
-searches and k-means runs use.
+what they build on them: neighbour smoothing, and the (optionally whitened)
+principal components the searches and k-means runs use.
 
 Exact (one matmul per block of rows) up to :data:`EXACT_MAX_ROWS` rows; beyond,
 an approximate search whose cost is linear in n (see :func:`nearest_neighbors`).
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import assign_nearest
 from clustering_service.algorithms.nn import INFERENCE_BATCH
 
@@ -22,6 +23,9 @@ EXACT_MAX_ROWS = 50_000
 #: rows per cell and cells probed in the approximate neighbour search
 CELL_ROWS = 1024
 PROBES = 4
+#: in whitening, variances below this fraction of the largest are floored (here and
+#: in DeepCluster's)
+EIGEN_FLOOR = 1e-3
 
 
 def nearest_neighbors(
@@ -160,11 +164,21 @@ def capped_neighbors(feats: np.ndarray, wanted: int, n_clusters: int, seed: int)
     return nearest_neighbors(feats, m, seed, groups=groups)
 
 
+def check_whiten_power(value: object) -> None:
+    """Raise ClusteringInputError unless ``value`` is a whitening power: a number in
+    [-1, 0] (0: none, -0.25: half, -0.5: full whitening; see
+    :func:`principal_components`)."""
+    number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    if not (number and -1.0 <= value <= 0.0):
+        raise ClusteringInputError(f"whiten_power must be a number in [-1, 0], got {value!r}")
+
+
 def principal_components(
     Z: np.ndarray,
     dims: int,
     max_rows: int = 65536,
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    power: float = 0.0,
 ) -> np.ndarray:
     """The rows of Z (n, d), mapped by ``prepare`` (a function of a block of rows;
     none: the rows as they are), on their top ``dims`` principal axes: float32 (n,
@@ -175,11 +189,18 @@ def principal_components(
     only sees distances, and the leading axes hold the between-cluster spread: at
     ``dims`` = 128 it costs a quarter of k-means on the 512-d input-and-learned
     space of ``neighbors`` at about the same result
-    (docs/benchmarks/neighbors.md, eighth round)."""
+    (docs/benchmarks/neighbors.md, eighth round).
+
+    ``power`` (<= 0) whitens: each axis is scaled by its variance to that power
+    (-0.5: unit variance on every axis, -0.25: half whitening), variances floored
+    at :data:`EIGEN_FLOOR` times the largest so that empty axes stay near zero.
+    The rows are then rotated onto their axes even when ``d <= dims``."""
     n = Z.shape[0]
     prep = prepare or (lambda rows: rows)
     dims = min(dims, n)  # n rows span at most n axes
-    if Z.shape[1] <= dims:
+    if power:
+        dims = min(dims, Z.shape[1])
+    elif Z.shape[1] <= dims:
         if prepare is None:
             return Z
         out = np.empty(Z.shape, dtype=np.float32)
@@ -190,9 +211,14 @@ def principal_components(
     if n > max_rows:
         sample = Z[np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))]
     pca = PCA(n_components=dims, svd_solver="covariance_eigh").fit(prep(sample))
+    scale = None
+    top = float(pca.explained_variance_.max())
+    if power and top > 0:  # (all rows equal: nothing to whiten)
+        scale = (np.maximum(pca.explained_variance_, EIGEN_FLOOR * top) ** power).astype(np.float32)
     out = np.empty((n, dims), dtype=np.float32)
     for start in range(0, n, max_rows):
-        out[start : start + max_rows] = pca.transform(prep(Z[start : start + max_rows]))
+        block = pca.transform(prep(Z[start : start + max_rows]))
+        out[start : start + max_rows] = block if scale is None else block * scale
     return out
 
 
@@ -204,9 +230,11 @@ def smoothed_input(
     steps: int,
     seed: int,
     dims: int = 128,
+    power: float = 0.0,
 ) -> np.ndarray:
     """The rows of X (n, d) centred on ``mean`` (d,) and L2-normalised, on their top
-    ``dims`` principal components (renormalised), then :func:`smooth`-ed ``steps``
+    ``dims`` principal components (whitened by ``power``, see
+    :func:`principal_components`; renormalised), then :func:`smooth`-ed ``steps``
     times over their :func:`capped_neighbors` in that space: float32 (n, min(d,
     dims, n)) unit rows, each the consensus of its neighbourhood. The space the
     initial k-means of ODC partitions. X is read in blocks, never copied
@@ -217,7 +245,7 @@ def smoothed_input(
         rows = np.asarray(rows, dtype=np.float32) - mean
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
-    Z = principal_components(X, dims, prepare=unit)
+    Z = principal_components(X, dims, prepare=unit, power=power)
     Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
     neighbors = capped_neighbors(Z, n_neighbors, n_clusters, seed)
     return smooth(Z, neighbors, steps)

@@ -24,7 +24,8 @@ a clustering in which an item and its nearest neighbours agree. Stages:
    with the seed and so did the result (ACC std 0.03 over seeds); the input
    space is the same for every seed and anchors the partition. k-means runs on
    the top ``proj_dim`` principal components of those vectors (about the same
-   result as on all of them, at a quarter of the cost). Optionally (``init_em_steps`` >
+   result as on all of them, at a quarter of the cost; optionally whitened,
+   ``whiten_power``). Optionally (``init_em_steps`` >
    0, off by default) each k-means partition is refined by EM steps of a
    mixture of unit directions with free mixing weights (:func:`refine_partition`).
 3. **Network.** (Its projection is pre-trained first, contrastively: an item and
@@ -79,7 +80,12 @@ from torch import nn
 from clustering_service.algorithms.base import BaseClusterer, CancelCheck, ProgressCallback
 from clustering_service.algorithms.exceptions import ClusteringInputError
 from clustering_service.algorithms.kmeans import run_kmeans
-from clustering_service.algorithms.knn import capped_neighbors, principal_components, smooth
+from clustering_service.algorithms.knn import (
+    capped_neighbors,
+    check_whiten_power,
+    principal_components,
+    smooth,
+)
 from clustering_service.algorithms.nn import (
     INFERENCE_BATCH,
     load_numpy_state,
@@ -254,6 +260,15 @@ class NeighborClusterer(BaseClusterer):
         unit directions with free mixing weights (:func:`refine_partition`, sharpness
         ``1 / temperature``); 0: none.
     update_epochs : default ``max_epochs`` of :meth:`update`.
+    whiten_power : in [-1, 0]: the initial k-means space's principal axes are scaled
+        by their variance to this power (0: none, the default; -0.25: half
+        whitening, as DeepCluster and ODC do by default). Opt-in: on
+        stackoverflow embedded by the Universal Sentence Encoder, whose variance
+        sits in few axes, -0.25 gains 0.07 ACC, and 0.06 on digits, but it makes
+        the heads' initial partitions far more diverse, and the SCAN loss then
+        picks among them less reliably (searchsnippets' ACC std 0.010 -> 0.035);
+        on bag-of-words (LSA) vectors it loses 0.05-0.18
+        (docs/benchmarks/neighbors.md, twelfth round).
 
     Attributes
     ----------
@@ -299,6 +314,7 @@ class NeighborClusterer(BaseClusterer):
         update_epochs: int = 2,
         init_space: str = "both",
         anchor_weight: float = 1.0,
+        whiten_power: float = 0.0,
     ) -> None:
         self.n_clusters = n_clusters
         self.random_state = random_state
@@ -327,6 +343,7 @@ class NeighborClusterer(BaseClusterer):
         self.update_epochs = update_epochs
         self.init_space = init_space
         self.anchor_weight = anchor_weight
+        self.whiten_power = whiten_power
 
     # -- parameters ------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -361,6 +378,7 @@ class NeighborClusterer(BaseClusterer):
         for key in ("entropy_weight", "anchor_weight", "weight_decay"):
             if not (isinstance(getattr(self, key), int | float) and getattr(self, key) >= 0):
                 raise ClusteringInputError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        check_whiten_power(self.whiten_power)
         if self.init_space not in INIT_SPACES:
             raise ClusteringInputError(
                 f"init_space must be one of {', '.join(INIT_SPACES)}, got {self.init_space!r}"
@@ -559,7 +577,7 @@ class NeighborClusterer(BaseClusterer):
         else:
             smoothed = smoothed_input
         del feats, smoothed_input
-        reduced = principal_components(smoothed, int(self.proj_dim))
+        reduced = principal_components(smoothed, int(self.proj_dim), power=float(self.whiten_power))
         init, em_moved = [], []
         for h in range(n_heads):
             _, labels, _ = run_kmeans(

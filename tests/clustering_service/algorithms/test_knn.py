@@ -103,6 +103,29 @@ def test_principal_components_prepare_each_block_without_copying_z_whole():
     np.testing.assert_allclose(principal_components(Z, 6, prepare=unit), _unit(Z - 3.0))
 
 
+def test_principal_components_whiten_by_the_given_power():
+    rng = np.random.default_rng(3)
+    # variances 100, 16, 1 along three rotated axes, nothing along a fourth
+    Z = rng.normal(size=(4000, 4)) * np.array([10.0, 4.0, 1.0, 0.0])
+    rot = np.linalg.qr(rng.normal(size=(4, 4)))[0]
+    Z = (Z @ rot).astype(np.float32)
+    full = principal_components(Z, 3, power=-0.5)
+    np.testing.assert_allclose(full.var(axis=0), [1.0, 1.0, 1.0], rtol=0.05)
+    half = principal_components(Z, 3, power=-0.25)
+    np.testing.assert_allclose(half.var(axis=0), [10.0, 4.0, 1.0], rtol=0.1)
+    # the rows are rotated onto their axes even when nothing is dropped, and an
+    # empty axis is floored (1e-3 of the largest variance), not blown up
+    every = principal_components(Z, 8, power=-0.5)
+    assert every.shape == (4000, 4)
+    np.testing.assert_allclose(every[:, :3].var(axis=0), [1.0, 1.0, 1.0], rtol=0.05)
+    assert np.abs(every[:, 3]).max() < 1e-2
+    # rows that are all equal: nothing to whiten, no division by zero (sklearn's
+    # explained-variance ratio warns of its own 0 / 0)
+    with np.errstate(invalid="ignore"):
+        flat = principal_components(np.ones((50, 4), dtype=np.float32), 2, power=-0.25)
+    assert np.isfinite(flat).all()
+
+
 def test_capped_neighbors_stay_within_half_the_average_cluster():
     feats = _unit(np.random.default_rng(2).normal(size=(60, 8)))
     assert capped_neighbors(feats, 10, 3, 0).shape == (60, 10)  # 60 / 6 = 10

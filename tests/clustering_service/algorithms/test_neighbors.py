@@ -151,6 +151,8 @@ def test_copies_of_rows_do_not_fill_the_neighbour_lists():
         {"entropy_weight": -1.0},
         {"init_em_steps": -1},
         {"init_space": "pixels"},
+        {"whiten_power": 0.5},
+        {"whiten_power": True},
     ],
 )
 def test_bad_parameters(bad, small_digits):
@@ -184,10 +186,15 @@ def test_fit_info_and_head_choice(small_digits):
         ("learned", 0, 64),
     ],
 )
-def test_initial_partitions_in_the_chosen_space(small_digits, init_space, pretrain_epochs, width):
+@pytest.mark.parametrize("whiten_power", [0.0, -0.25])
+def test_initial_partitions_in_the_chosen_space(
+    small_digits, init_space, pretrain_epochs, width, whiten_power
+):
     X, _ = small_digits
     params = {**TINY, "init_space": init_space, "pretrain_epochs": pretrain_epochs}
-    est = NeighborClusterer(n_clusters=5, random_state=0, **params).fit(X)
+    est = NeighborClusterer(n_clusters=5, random_state=0, whiten_power=whiten_power, **params).fit(
+        X
+    )
     # k-means ran on the space's top proj_dim (16) principal components
     assert est.fit_info_["init_dims"] == (width, 16)
     assert est.fit_info_["pretrain_epochs"] == pretrain_epochs

@@ -15,7 +15,11 @@ import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
 from clustering_service.algorithms import ClusteringCancelled, ClusteringInputError, load
-from clustering_service.algorithms.knn import capped_neighbors
+from clustering_service.algorithms.knn import (
+    capped_neighbors,
+    principal_components,
+    smoothed_input,
+)
 from clustering_service.algorithms.metrics import clustering_accuracy
 from clustering_service.algorithms.odc import (
     ODC,
@@ -78,21 +82,32 @@ def _blob(center: list[float], n: int, gen: torch.Generator) -> torch.Tensor:
 
 def test_initial_kmeans_runs_on_the_smoothed_principal_components(fitted, digits_data):
     """init_space="input": the rows k-means starts from are the centred unit input on
-    its top 128 principal components, renormalised and averaged over their
-    neighbours; X itself without smoothing. A wide input with fewer rows than 128
-    gets as many axes as rows."""
+    its top 128 principal components, half-whitened (``whiten_power=-0.25``) and
+    renormalised, then averaged over their neighbours in that space; X itself
+    without smoothing. A wide input with fewer rows than 128 gets as many axes as
+    rows."""
     X, _ = digits_data
     model = fitted  # the standardiser's mean is kept after fit
     Z = model._initial_space(X)
-    assert Z.shape == X.shape and Z.dtype == np.float32  # 64-d: nothing to drop
+    assert Z.shape == X.shape and Z.dtype == np.float32  # 64-d: all axes, rotated
     np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, rtol=1e-5)
     centred = X - X.mean(axis=0)
-    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
-    # each row moved toward its neighbours: closer to them than the raw unit row is
-    neighbors = capped_neighbors(unit.astype(np.float32), 10, 10, 0)
-    before = np.einsum("nd,nkd->n", unit, unit[neighbors]).mean()
+    unit = (centred / np.linalg.norm(centred, axis=1, keepdims=True)).astype(np.float32)
+    W = principal_components(unit, 128, power=-0.25)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    # each row moved toward its neighbours: closer to them than the unsmoothed row is
+    neighbors = capped_neighbors(W, 10, 10, 0)
+    before = np.einsum("nd,nkd->n", W, W[neighbors]).mean()
     after = np.einsum("nd,nkd->n", Z, Z[neighbors]).mean()
     assert after > before + 0.05
+
+    # half whitening evens out the axes' spread: the leading axis holds less of it
+    def leading_share(rows: np.ndarray) -> float:
+        eig = np.linalg.eigvalsh(np.cov(rows.T))
+        return float(eig[-1] / eig.sum())
+
+    unwhitened = smoothed_input(X, X.mean(axis=0), 10, 10, 2, 0)  # whiten_power=0
+    assert leading_share(Z) < 0.8 * leading_share(unwhitened)
     plain = ODC(n_clusters=10, smooth_steps=0, **SHORT)
     assert plain._initial_space(X) is X
 
@@ -282,6 +297,8 @@ def test_progress_and_cancel(small_digits):
         {"smooth_steps": -1},
         {"smooth_steps": None},
         {"n_neighbors": 1.5},
+        {"whiten_power": 0.25},
+        {"whiten_power": None},
     ],
 )
 def test_bad_parameters(small_digits, params):
