@@ -66,7 +66,12 @@ from clustering_service.algorithms.kmeans import (
     fill_empty_clusters,
     run_kmeans,
 )
-from clustering_service.algorithms.knn import EIGEN_FLOOR, capped_neighbors, smooth
+from clustering_service.algorithms.knn import (
+    EIGEN_FLOOR,
+    capped_neighbors,
+    check_whiten_power,
+    smooth,
+)
 from clustering_service.algorithms.matching import match_clusters, match_labels
 
 #: faiss warns below this many training points per centroid
@@ -271,12 +276,12 @@ class DeepCluster(BaseClusterer):
             ("input_dropout", 0.0, 0.99),
             ("tol", 0.0, 1.0),
             ("momentum", 0.0, 0.999),
-            ("whiten_power", -1.0, 0.0),
             ("update_step", 0.0, 1.0),
         ):
             value = getattr(self, key)
             if not (isinstance(value, int | float) and low <= value <= high):
                 raise ClusteringInputError(f"{key} must be in [{low}, {high}], got {value!r}")
+        check_whiten_power(self.whiten_power)
         for key in ("lr", "input_noise", "weight_decay"):
             value = getattr(self, key)
             strict = key == "lr"
